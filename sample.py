@@ -1,0 +1,117 @@
+"""Text to image with DDIM, optionally with spectral shifts applied.
+
+    python sample.py --model v1-5-pruned-emaonly.safetensors --vocab bpe_simple_vocab_16e6.txt.gz \
+        --prompt "a photo of an astronaut riding a horse on mars" --out out/
+
+Writes out/000.png, out/001.png, ... in generation order and out/grid.png. For the same seed the images equal
+diffusers' StableDiffusionPipeline + DDIMScheduler (initial latents and η-noise drawn from one CPU generator).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import sd
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="SD 1.x/2.x single file (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("--vocab", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz (single-file models only)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (default: all at once)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="override the model's (from scheduler_config.json, else epsilon)")
+    p.add_argument("--shifts", nargs="*", default=[], metavar="FILE[:SCALE]",
+                   help="spectral-shift files to apply, each with an optional scale")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", required=True, help="output folder")
+    return p.parse_args(argv)
+
+
+def check_args(a):
+    """Everything we can check before loading gigabytes: one clear line per problem."""
+    if a.height % 8 or a.width % 8 or a.height <= 0 or a.width <= 0:
+        raise ValueError(f"--height and --width must be positive multiples of 8, got {a.height}x{a.width}")
+    if not 1 <= a.steps <= 1000:
+        raise ValueError(f"--steps must be between 1 and 1000, got {a.steps}")
+    if a.num_images < 1 or (a.batch_size is not None and a.batch_size < 1):
+        raise ValueError("--num-images and --batch-size must be at least 1")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    check_writable(Path(a.out), "--out")
+
+
+def check_writable(out: Path, flag: str):
+    """--out must be creatable/writable, checked without creating anything (nothing is written on bad input)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file, not a folder; choose a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out} is not writable; choose another folder")
+
+
+def grid(images):
+    """One PIL image with the samples in a near-square grid."""
+    from PIL import Image
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    g = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        g.paste(im, ((i % cols) * w, (i // cols) * h))
+    return g
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    check_args(a)
+    dtype = DTYPES[a.dtype] if a.dtype else (torch.float16 if a.device.startswith("cuda") else torch.float32)
+    model = sd.load(a.model, device=a.device, dtype=dtype, prediction_type=a.prediction_type, vocab=a.vocab)
+    if a.shifts:
+        import svdiff
+        svdiff.apply_shift_files(model, a.shifts)
+    generator = torch.Generator("cpu").manual_seed(a.seed)
+    # All initial latents first, from one generator, as diffusers draws them for num_images_per_prompt.
+    latents = sd.initial_latents(model, a.num_images, a.height, a.width, generator)
+    batch = a.batch_size or a.num_images
+    images = []
+    for i in range(0, a.num_images, batch):
+        n = min(batch, a.num_images - i)
+        images += sd.to_pil(sd.text_to_image(model, [a.prompt] * n, a.negative_prompt, a.steps, a.guidance,
+                                             a.eta, generator, a.height, a.width, latents=latents[i:i + n]))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(out / f"{i:03d}.png")
+    grid(images).save(out / "grid.png")
+    (out / "sample_config.json").write_text(json.dumps(vars(a), indent=2))
+    print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

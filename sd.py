@@ -1,0 +1,455 @@
+"""Load Stable Diffusion 1.x / 2.x from the files users already have, and generate images from text.
+
+Two layouts are read (facts: shared/reference/sd_weights_and_sampling.md):
+  (a) one original checkpoint file (.safetensors or .ckpt): keys `model.diffusion_model.*` (UNet),
+      `first_stage_model.*` (VAE), `cond_stage_model.*` (text encoder);
+  (b) a diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/, each with its config.json.
+Our modules are named after layout (a), so (a) loads by stripping a prefix; (b) goes through each component's
+short `diffusers_to_original` rename rule. Weights stream tensor by tensor into modules built on the `meta`
+device, so the process never holds two copies of the model.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import clip_text
+import ddim
+import unet as unet_lib
+import vae as vae_lib
+
+# Original-layout prefixes of the three components. The text encoder's depends on the family.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+@dataclass
+class StableDiffusion:
+    unet: nn.Module | None
+    vae: nn.Module | None
+    text_encoder: nn.Module | None
+    tokenizer: object | None
+    family: str                  # "sd1" (CLIP ViT-L text, 768-d context) | "sd2" (OpenCLIP ViT-H, 1024-d)
+    prediction_type: str         # "epsilon" | "v_prediction": not in the weights; from scheduler config or user
+    path: str = ""
+
+
+def checkpoint_key(component: str, module_key: str, family: str) -> str:
+    """Our module parameter name -> its name in the original single-file checkpoint (shift files use these)."""
+    if component == "unet":
+        return UNET_PREFIX + module_key
+    if component == "vae":
+        return VAE_PREFIX + module_key
+    if component == "text_encoder":
+        return TEXT_PREFIX[family] + clip_text.module_to_original_key(module_key, family)
+    raise ValueError(f"unknown component {component!r}")
+
+
+def split_checkpoint_key(key: str, family: str) -> tuple[str, str] | None:
+    """Inverse of checkpoint_key: original key -> (component, module key), or None for keys we do not model."""
+    if key.startswith(UNET_PREFIX):
+        return "unet", key[len(UNET_PREFIX):]
+    if key.startswith(VAE_PREFIX):
+        return "vae", key[len(VAE_PREFIX):]
+    if key.startswith(TEXT_PREFIX[family]):
+        return "text_encoder", clip_text.original_to_module_key(key[len(TEXT_PREFIX[family]):], family)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading tensors, one at a time
+
+
+def _safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: file is empty or truncated, not a .safetensors checkpoint; download it again")
+        n = int.from_bytes(head, "little")
+        if n > 100_000_000 or n > path.stat().st_size - 8:
+            raise ValueError(f"{path}: corrupt .safetensors header; download the file again")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"{path}: corrupt .safetensors header; download the file again") from None
+    end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+    if 8 + n + end > path.stat().st_size:
+        raise ValueError(f"{path}: file is truncated ({path.stat().st_size} bytes, needs {8 + n + end}); "
+                         "download it again")
+    return header
+
+
+def _torch_load(path: Path) -> dict:
+    # weights_only=True: a .ckpt/.bin is a pickle, and unpickling arbitrary code from a download is not safe.
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]}); "
+                             "is it truncated? A .safetensors file is safer if one is available") from None
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read safely as a PyTorch checkpoint ({str(e).splitlines()[0]}); "
+                         "download it again or use the .safetensors version") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # .ckpt: {"state_dict": ..., "global_step"}
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds no state dict")
+    return sd
+
+
+class TensorFile:
+    """Key -> shape without reading data, and tensors streamed one at a time, for .safetensors/.ckpt/.bin."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.suffix == ".safetensors":
+            header = _safetensors_header(self.path)
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+            self._sd = None
+        elif self.path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
+            self._sd = _torch_load(self.path)
+            self.metadata = {}
+            self.shapes = {k: tuple(v.shape) for k, v in self._sd.items() if isinstance(v, torch.Tensor)}
+        else:
+            raise ValueError(f"{self.path}: unknown file type {self.path.suffix!r}; expected .safetensors or .ckpt")
+
+    def tensors(self, keys):
+        """Yield (key, tensor) for the given keys. safetensors are read with pread where the library has it, so
+        the pages of a memory map do not add the file's size to the process's resident memory."""
+        if self._sd is not None:
+            yield from ((k, self._sd[k]) for k in keys)
+            return
+        from safetensors import safe_open
+        try:
+            f = safe_open(self.path, framework="pt", backend="pread")
+        except TypeError:  # safetensors < 0.8 has only the mmap backend
+            f = safe_open(self.path, framework="pt")
+        try:
+            with f:
+                for k in keys:
+                    yield k, f.get_tensor(k)
+        except Exception as e:
+            if isinstance(e, ValueError) and str(e).startswith(str(self.path)):
+                raise
+            raise ValueError(f"{self.path}: tensor data cannot be read ({e}); the file is corrupt, "
+                             "download it again") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is this file?
+
+
+def _describe_foreign(keys: set[str]) -> str:
+    """Name what a non-SD-1.x/2.x file looks like, for the error message."""
+    if any(k.startswith("conditioner.embedders.") or k.endswith("label_emb.0.0.weight") for k in keys):
+        return "an SDXL checkpoint (only SD 1.x/2.x are supported)"
+    if any(".lora_down." in k or ".lora_up." in k or "lora_A" in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "a LoRA, not a full model; pass the base SD checkpoint instead"
+    if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "first_stage_model.")) for k in keys) and \
+            not any(k.startswith(UNET_PREFIX) for k in keys):
+        return "a VAE alone, not a full model"
+    if any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in keys):
+        return "a single diffusers component; pass the whole diffusers folder instead"
+    return "an unknown model"
+
+
+def detect_family(shapes: dict[str, tuple]) -> str:
+    """sd1 or sd2 from an original-layout state dict (the to_k width decides, as diffusers does)."""
+    if any(k.startswith(TEXT_PREFIX["sd2"]) for k in shapes):
+        return "sd2"
+    to_k = [s for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    proj_in = [s for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")]
+    if (to_k and to_k[0][-1] == 1024) or (proj_in and len(proj_in[0]) == 2):
+        return "sd2"
+    return "sd1"
+
+
+def _ignored_key(key: str, family: str, text_cfg) -> bool:
+    """Keys a single file may carry that we do not model: EMA copies, schedule buffers, unused text parts."""
+    if key.startswith("model_ema."):
+        return True
+    if "." not in key:  # LatentDiffusion buffers: betas, alphas_cumprod, posterior_*, logvar, ...
+        return True
+    if key.startswith(TEXT_PREFIX[family]) and text_cfg is not None:
+        return clip_text.ignored_original_key(key[len(TEXT_PREFIX[family]):], text_cfg)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building modules from streamed tensors
+
+
+def fit_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The one reshape rule between layouts: a 1x1 conv kernel [C,C,1,1] and a Linear weight [C,C] are the same
+    matrix (UNet proj_in/out of SD2 vs SD1 files, VAE attention in diffusers vs original files)."""
+    if t.shape != shape and t.numel() == shape.numel() and t.shape[:2] == shape[:2] and \
+            all(d == 1 for d in list(t.shape[2:]) + list(shape[2:])):
+        return t.reshape(shape)
+    return t
+
+
+def _build(module_fn, state: dict, name: str, path) -> nn.Module:
+    """Build on `meta` (no memory) and adopt the streamed tensors as parameters: every key used, shapes exact."""
+    with torch.device("meta"):
+        module = module_fn()
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the {name} weights do not match an SD {name}: "
+                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:2]}); the file is not a standard SD 1.x/2.x checkpoint")
+    for k, t in expected.items():
+        state[k] = fit_shape(state[k], t.shape)
+        if state[k].shape != t.shape:
+            raise ValueError(f"{path}: {name} tensor {k} has shape {tuple(state[k].shape)}, expected "
+                             f"{tuple(t.shape)}; the file does not match its own architecture")
+    module.load_state_dict(state, strict=True, assign=True)
+    # Our modules keep no buffers outside the checkpoint (position ids are made in forward), so nothing is left
+    # on `meta`; check it, since a meta tensor would only fail later, far from here.
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    assert not left, f"{name}: not initialised by the checkpoint: {left[:3]}"
+    return module.requires_grad_(False).eval()
+
+
+def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    # Floating weights take the requested dtype (files are often fp16); integer buffers stay as they are.
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) one original checkpoint file
+
+
+def _load_single_file(path: Path, device, dtype, components, vocab):
+    tf = TensorFile(path)
+    keys = set(tf.shapes)
+    if keys and all(len(s) == 1 for s in tf.shapes.values()):
+        raise ValueError(f"{path}: this is a spectral-shift file (1-D tensors only), not a base model; "
+                         "pass the base SD checkpoint as the model and this file with --shifts")
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        raise ValueError(f"{path}: not an SD 1.x/2.x checkpoint: it looks like {_describe_foreign(keys)}")
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ValueError(f"{path}: not an SD 1.x/2.x checkpoint: it looks like {_describe_foreign(keys)}")
+    family = detect_family(tf.shapes)
+    strip = lambda prefix: {k[len(prefix):]: s for k, s in tf.shapes.items() if k.startswith(prefix)}
+
+    configs = {}
+    if "unet" in components:
+        configs["unet"] = unet_lib.config_from_shapes(strip(UNET_PREFIX), family)
+    if "vae" in components:
+        if not any(k.startswith(VAE_PREFIX) for k in keys):
+            raise ValueError(f"{path}: this checkpoint has no VAE (first_stage_model.*); use a full SD checkpoint")
+        configs["vae"] = vae_lib.config_from_shapes(strip(VAE_PREFIX))
+    text_cfg = None
+    if any(k.startswith(TEXT_PREFIX[family]) for k in keys):
+        text_cfg = clip_text.config_from_shapes(
+            {clip_text.original_to_module_key(k, family): s for k, s in strip(TEXT_PREFIX[family]).items()}, family)
+    if "text_encoder" in components:
+        if text_cfg is None:
+            raise ValueError(f"{path}: this checkpoint has no text encoder ({TEXT_PREFIX[family]}*); "
+                             "use a full SD checkpoint")
+        configs["text_encoder"] = text_cfg
+
+    # One pass over the file: route each tensor to its component, renamed to our module keys.
+    state = {c: {} for c in configs}
+    wanted = []
+    for k in sorted(keys):
+        if _ignored_key(k, family, text_cfg):
+            continue
+        where = split_checkpoint_key(k, family)
+        if where is None:
+            raise ValueError(f"{path}: unexpected tensor {k!r}; the file is not a standard SD 1.x/2.x checkpoint")
+        if where[0] in state:
+            wanted.append((k, where))
+    routes = dict(wanted)
+    for k, t in tf.tensors([k for k, _ in wanted]):
+        comp, mkey = routes[k]
+        state[comp][mkey] = _cast(t, device, dtype)
+    del tf
+
+    modules = {}
+    if "unet" in configs:
+        modules["unet"] = _build(lambda: unet_lib.UNet(configs["unet"]), state.pop("unet"), "UNet", path)
+    if "vae" in configs:
+        modules["vae"] = _build(lambda: vae_lib.VAE(configs["vae"]), state.pop("vae"), "VAE", path)
+    tokenizer = None
+    if "text_encoder" in configs:
+        modules["text_encoder"] = _build(lambda: clip_text.build_text_encoder(configs["text_encoder"]),
+                                         state.pop("text_encoder"), "text encoder", path)
+        # A single file carries no vocabulary: --vocab, or the file shipped inside open_clip / clip.
+        tokenizer = clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(vocab), clip_text.pad_id_for(family))
+    return modules, tokenizer, family, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) a diffusers folder
+
+
+def _weights_file(folder: Path, stem: str) -> list[Path]:
+    """The weight file(s) of one diffusers component: safetensors preferred, fp32 before the fp16 variant."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"  # sharded: the index lists the shard files
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    raise ValueError(f"{folder}: no weights file ({stem}.safetensors or .bin); the diffusers folder is incomplete")
+
+
+def _read_config(folder: Path) -> dict:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{folder}: missing config.json; the diffusers folder is incomplete")
+    try:
+        return json.loads(cfg.read_text())
+    except ValueError:
+        raise ValueError(f"{cfg}: not valid JSON; the diffusers folder is corrupt") from None
+
+
+def _load_component_folder(folder: Path, stem: str, rename, device, dtype) -> dict:
+    state = {}
+    for file in _weights_file(folder, stem):
+        tf = TensorFile(file)
+        for k, t in tf.tensors(list(tf.shapes)):
+            new = rename(k)
+            if new is not None:
+                state[new] = _cast(t, device, dtype)
+    return state
+
+
+def _load_folder(path: Path, device, dtype, components):
+    for sub in list(components) + (["tokenizer"] if "text_encoder" in components else []):
+        if not (path / sub).is_dir():
+            raise ValueError(f"{path}: diffusers folder has no {sub}/ subfolder; the model is incomplete")
+    if (path / "text_encoder_2").is_dir() or (path / "unet" / "config.json").is_file() and \
+            _read_config(path / "unet").get("addition_embed_type"):
+        raise ValueError(f"{path}: not an SD 1.x/2.x model: it looks like an SDXL diffusers folder")
+    family = "sd1"
+    if (path / "text_encoder").is_dir():
+        text_cfg = clip_text.config_from_diffusers(_read_config(path / "text_encoder"))
+        family = text_cfg.family
+    modules = {}
+    if "unet" in components:
+        cfg = unet_lib.config_from_diffusers(_read_config(path / "unet"))
+        if cfg.context_dim == 1024:
+            family = "sd2"
+        state = _load_component_folder(path / "unet", "diffusion_pytorch_model",
+                                       lambda k: unet_lib.diffusers_to_original(k, cfg), device, dtype)
+        modules["unet"] = _build(lambda: unet_lib.UNet(cfg), state, "UNet", path / "unet")
+    if "vae" in components:
+        vcfg = vae_lib.config_from_diffusers(_read_config(path / "vae"))
+        state = _load_component_folder(path / "vae", "diffusion_pytorch_model",
+                                       lambda k: vae_lib.diffusers_to_original(k, vcfg), device, dtype)
+        modules["vae"] = _build(lambda: vae_lib.VAE(vcfg), state, "VAE", path / "vae")
+    tokenizer = None
+    if "text_encoder" in components:
+        state = _load_component_folder(path / "text_encoder", "model",
+                                       lambda k: clip_text.diffusers_to_original(k, text_cfg), device, dtype)
+        if text_cfg.family == "sd2":
+            state = clip_text.fuse_qkv(state)
+        modules["text_encoder"] = _build(lambda: clip_text.build_text_encoder(text_cfg), state, "text encoder",
+                                         path / "text_encoder")
+        tokenizer = clip_text.Tokenizer.from_folder(path / "tokenizer", clip_text.pad_id_for(text_cfg.family))
+    prediction_type = None
+    sched = path / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        prediction_type = json.loads(sched.read_text()).get("prediction_type")
+    return modules, tokenizer, family, prediction_type
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=None,
+         components=COMPONENTS) -> StableDiffusion:
+    """Load an SD 1.x/2.x single-file checkpoint or diffusers folder. `components` limits what is built (e.g.
+    ("unet",) for benchmarks); `vocab` is the CLIP BPE file a single file needs for its tokenizer."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; pass an SD checkpoint (.safetensors/.ckpt) "
+                                "or a diffusers folder")
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ValueError(f"prediction type {prediction_type!r} is not one of epsilon, v_prediction")
+    bad = set(components) - set(COMPONENTS)
+    if bad:
+        raise ValueError(f"unknown components {sorted(bad)}; choose from {COMPONENTS}")
+    if path.is_dir():
+        modules, tokenizer, family, file_prediction = _load_folder(path, device, dtype, components)
+    else:
+        modules, tokenizer, family, file_prediction = _load_single_file(path, device, dtype, components, vocab)
+    return StableDiffusion(unet=modules.get("unet"), vae=modules.get("vae"),
+                           text_encoder=modules.get("text_encoder"), tokenizer=tokenizer, family=family,
+                           prediction_type=prediction_type or file_prediction or "epsilon", path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text to image (sample.py, train.py's class images and edit.py all come through here)
+
+
+def encode_prompts(model: StableDiffusion, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> the UNet's context [B, 77, C]."""
+    param = next(model.text_encoder.parameters())
+    return model.text_encoder(model.tokenizer(prompts).to(param.device))
+
+
+def latent_factor(model: StableDiffusion) -> int:
+    """Image pixels per latent pixel: 8 for SD's VAE (one downsample per level but the last)."""
+    return 2 ** (len(model.vae.cfg.ch_mult) - 1)
+
+
+def initial_latents(model: StableDiffusion, n: int, height: int, width: int, generator=None) -> torch.Tensor:
+    """N(0, I) latents drawn as diffusers draws them (on the generator's device, in the model dtype), so the
+    same seed gives the same images: randn((n, 4, H/8, W/8), generator)."""
+    param = next(model.unet.parameters())
+    f = latent_factor(model)
+    gen_device = generator.device if generator is not None else param.device
+    z = torch.randn((n, model.unet.cfg.in_channels, height // f, width // f), generator=generator,
+                    device=gen_device, dtype=param.dtype)
+    return z.to(param.device)
+
+
+@torch.no_grad()
+def text_to_image(model: StableDiffusion, prompts: list[str], negative_prompt: str = "", steps: int = 50,
+                  guidance: float = 7.5, eta: float = 0.0, generator=None, height: int = 512, width: int = 512,
+                  latents=None, progress: bool = True) -> torch.Tensor:
+    """DDIM text-to-image; returns images in [0, 1], [B, 3, H, W] (float32, CPU).
+
+    As StableDiffusionPipeline + DDIMScheduler: classifier-free guidance with the negative (or empty) prompt
+    only when guidance > 1, initial latents then each step's η-noise from the one generator, in that order."""
+    f = latent_factor(model)
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    cond = encode_prompts(model, prompts)
+    if latents is None:
+        latents = initial_latents(model, len(prompts), height, width, generator)
+    if guidance > 1:
+        context = torch.cat([encode_prompts(model, [negative_prompt] * len(prompts)), cond])
+
+        def denoise(x, t):
+            out_uncond, out_cond = model.unet(torch.cat([x, x]), t, context).chunk(2)
+            return ddim.guidance(out_uncond, out_cond, guidance)
+    else:
+        def denoise(x, t):
+            return model.unet(x, t, cond)
+
+    latents = ddim.sample(denoise, latents, steps, ddim.alphas_cumprod().to(latents.device), eta=eta,
+                          generator=generator, prediction_type=model.prediction_type, progress=progress)
+    images = model.vae.decode(latents / vae_lib.SCALE)
+    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+def to_pil(images: torch.Tensor):
+    """[B, 3, H, W] in [0, 1] -> PIL images, rounded as diffusers rounds (x * 255, round half to even)."""
+    from PIL import Image
+    arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]

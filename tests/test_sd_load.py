@@ -1,0 +1,194 @@
+"""sd.load reads both official layouts (single file, diffusers folder) and gives diffusers' numbers."""
+import shutil
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sd
+import tiny
+
+
+def max_diffs(model, oracle):
+    """Max abs differences of UNet output, VAE mean/logvar/decode and text encoder output vs the oracle."""
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, 77, tiny.TEXT_WIDTH, generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    img = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    ids = torch.randint(0, 49408, (2, 77), generator=g)
+    with torch.no_grad():
+        d = {}
+        d["unet"] = (model.unet(x, 501, ctx) - oracle["unet"](x, 501, encoder_hidden_states=ctx).sample).abs().max()
+        mean, logvar = model.vae.encode(img)
+        dist = oracle["vae"].encode(img).latent_dist
+        d["vae_mean"] = (mean - dist.mean).abs().max()
+        d["vae_logvar"] = (logvar - dist.logvar).abs().max()
+        d["vae_decode"] = (model.vae.decode(mean) - oracle["vae"].decode(mean).sample).abs().max()
+        d["text"] = (model.text_encoder(ids) - oracle["text_encoder"](ids).last_hidden_state).abs().max()
+    return {k: float(v) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("suffix,dtype", [(".safetensors", torch.float32), (".safetensors", torch.float16),
+                                          (".ckpt", torch.float32)])
+def test_single_file_matches_diffusers(tmp_path, bpe_vocab, family, suffix, dtype):
+    path = tmp_path / f"model{suffix}"
+    oracle = tiny.write_single_file(path, family, dtype)
+    model = sd.load(path, vocab=bpe_vocab)
+    assert model.family == family and model.prediction_type == "epsilon"
+    diffs = max_diffs(model, oracle)
+    assert max(diffs.values()) <= 1e-4, diffs
+    assert next(model.unet.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_diffusers_folder_matches_diffusers(tmp_path, bpe_vocab, family, variant):
+    dtype = torch.float16 if variant else torch.float32
+    oracle = tiny.write_folder(tmp_path, family, bpe_vocab, dtype=dtype, variant=variant)
+    model = sd.load(tmp_path)
+    assert model.family == family
+    assert model.prediction_type == ("epsilon" if family == "sd1" else "v_prediction")
+    diffs = max_diffs(model, oracle)
+    assert max(diffs.values()) <= 1e-4, diffs
+    assert model.tokenizer(["a photo"]).shape == (1, 77)
+
+
+def test_prediction_type_override_and_components(tmp_path, bpe_vocab):
+    path = tmp_path / "m.safetensors"
+    tiny.write_single_file(path, "sd2")
+    model = sd.load(path, prediction_type="v_prediction", components=("unet",))
+    assert model.prediction_type == "v_prediction" and model.vae is None and model.text_encoder is None
+    assert model.tokenizer is None
+
+
+def test_loads_in_half_precision(tmp_path, bpe_vocab):
+    path = tmp_path / "m.safetensors"
+    tiny.write_single_file(path, "sd1")
+    model = sd.load(path, dtype=torch.bfloat16, vocab=bpe_vocab)
+    assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
+
+
+def test_checkpoint_key_round_trip(tmp_path, bpe_vocab):
+    path = tmp_path / "m.safetensors"
+    tiny.write_single_file(path, "sd2")
+    model = sd.load(path, vocab=bpe_vocab)
+    for comp in ("unet", "vae", "text_encoder"):
+        for k in getattr(model, comp).state_dict():
+            assert sd.split_checkpoint_key(sd.checkpoint_key(comp, k, "sd2"), "sd2") == (comp, k)
+    assert sd.checkpoint_key("text_encoder", "transformer.resblocks.0.attn.in_proj.weight", "sd2") == \
+        "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the file and the problem
+
+
+def _error(path, **kw):
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        sd.load(path, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    assert "no such file" in _error(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("keys,words", [
+    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (4, 4),
+      "model.diffusion_model.label_emb.0.0.weight": (4, 4)}, "SDXL"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "LoRA"),
+    ({"encoder.conv_in.weight": (4, 3, 3, 3), "decoder.conv_in.weight": (4, 4, 3, 3)}, "VAE alone"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (4,)}, "spectral-shift"),
+    ({"foo.weight": (4, 4)}, "unknown"),
+])
+def test_foreign_files_are_named(tmp_path, keys, words):
+    path = tmp_path / "x.safetensors"
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(path))
+    assert words in _error(path)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tiny.write_single_file(path, "sd1")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert "truncated" in _error(path)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    assert "corrupt" in _error(path)
+
+
+def test_corrupt_ckpt_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.ckpt"
+    path.write_bytes(b"this is not a checkpoint")
+    assert "cannot be read" in _error(path)
+
+
+def test_folder_missing_a_component_is_a_clear_error(tmp_path, bpe_vocab):
+    tiny.write_folder(tmp_path, "sd1", bpe_vocab)
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    assert "vae" in _error(tmp_path)
+    shutil.rmtree(tmp_path / "text_encoder")
+    assert "text_encoder" in _error(tmp_path)
+
+
+def test_single_file_without_vocabulary_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    tiny.write_single_file(path, "sd1")
+    with pytest.raises(ValueError, match="vocab"):
+        sd.load(path, vocab=str(tmp_path / "missing.txt.gz"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full size
+
+
+@pytest.mark.slow
+def test_full_sd15_unet_from_fp16_file_matches_diffusers_with_bounded_memory(tmp_path):
+    """SD1.5-size UNet (random weights) from one fp16 single file: parity, and the load's peak RSS < 2.5x file."""
+    from diffusers import UNet2DConditionModel
+    import unet as unet_lib
+    cfg = unet_lib.UNetConfig()  # SD1.5
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in unet_lib.UNet(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    # 1-D ".weight" tensors are norm scales (around 1); everything else small random numbers
+    ckpt = {sd.UNET_PREFIX + k: (torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 0.1)
+                                 + float(len(s) == 1 and k.endswith(".weight"))).half()
+            for k, s in shapes.items()}
+    path = tmp_path / "unet.safetensors"
+    save_file(ckpt, str(path))
+    del ckpt
+    size = path.stat().st_size
+
+    # Peak RSS of the load, measured in a fresh process so the test process's own memory does not count.
+    root = str(Path(sd.__file__).parent)
+    base = f"import resource, sys, torch; sys.path.insert(0, {root!r}); import sd; "
+    rss = "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    probe = base + f"m = sd.load({str(path)!r}, components=('unet',)); " + rss
+    base += rss
+    peak = int(subprocess.check_output([sys.executable, "-c", probe]).split()[-1])
+    idle = int(subprocess.check_output([sys.executable, "-c", base]).split()[-1])
+    assert peak - idle < 2.5 * size, f"load peak RSS {(peak - idle) / 1e9:.2f} GB for a {size / 1e9:.2f} GB file"
+
+    model = sd.load(path, components=("unet",), dtype=torch.float16)
+    x = torch.randn(1, 4, 32, 32, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        ours = model.unet.float()(x, 999, ctx)
+        del model
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+        from safetensors.torch import load_file
+        oracle = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+        oracle.load_state_dict({k: v.float() for k, v in convert_ldm_unet_checkpoint(
+            load_file(str(path)), dict(oracle.config)).items()}, strict=True)
+        ref = oracle(x, 999, encoder_hidden_states=ctx).sample
+    err = float((ours - ref).abs().max())
+    print(f"full SD1.5 UNet parity: max abs diff {err:.2e}; load peak RSS {(peak - idle) / size:.2f}x file")
+    assert err <= 1e-4 * max(1.0, float(ref.abs().max())), err
