@@ -39,9 +39,10 @@ VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, norm_num_gro
 
 
 def text_config(family):
+    """SD2 has 23 layers: diffusers' OpenCLIP converter hard-codes that block 23 (of 24) is the unused one."""
     from transformers import CLIPTextConfig
     return CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
-                          num_hidden_layers=2, num_attention_heads=TEXT_WIDTH // 64, max_position_embeddings=77,
+                          num_hidden_layers=2 if family == "sd1" else 23, num_attention_heads=TEXT_WIDTH // 64, max_position_embeddings=77,
                           hidden_act="quick_gelu" if family == "sd1" else "gelu", projection_dim=TEXT_WIDTH,
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if family == "sd1" else 0)
 
