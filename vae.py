@@ -32,7 +32,7 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm with statistics in fp32 (safe for fp16/bf16 weights), result cast back."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 class ResnetBlock(nn.Module):

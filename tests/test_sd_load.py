@@ -190,5 +190,6 @@ def test_full_sd15_unet_from_fp16_file_matches_diffusers_with_bounded_memory(tmp
             load_file(str(path)), dict(oracle.config)).items()}, strict=True)
         ref = oracle(x, 999, encoder_hidden_states=ctx).sample
     err = float((ours - ref).abs().max())
-    print(f"full SD1.5 UNet parity: max abs diff {err:.2e}; load peak RSS {(peak - idle) / size:.2f}x file")
+    print(f"full SD1.5 UNet parity: max abs diff {err:.2e}; load peak RSS {(peak - idle) / 1e9:.2f} GB = "
+          f"{(peak - idle) / size:.2f}x the {size / 1e9:.2f} GB file")
     assert err <= 1e-4 * max(1.0, float(ref.abs().max())), err
