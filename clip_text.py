@@ -46,8 +46,9 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def normalize(text: str) -> str:
     """What transformers' CLIPTokenizer (and so diffusers) does: NFC, whitespace runs -> one space, lower case.
-    (The original openai code also runs ftfy and html.unescape; diffusers does not, so neither do we.)"""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
+    (The original openai code also runs ftfy and html.unescape; diffusers does not, so neither do we.)
+    Lower case is per character, as the tokenizers library does it: a word-final Σ becomes σ, not str.lower's ς."""
+    return "".join(c.lower() for c in re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)))
 
 
 def _kind(ch: str) -> str:
