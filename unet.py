@@ -186,7 +186,8 @@ class TimestepEmbedSequential(nn.ModuleList):
 
     def forward(self, x, emb, context):
         for layer in self:
-            x = layer(x) if isinstance(layer, nn.Conv2d) else layer(x, emb, context)
+            x = layer(x, emb, context) if isinstance(layer, (ResBlock, SpatialTransformer, Downsample, Upsample)) \
+                else layer(x)  # conv_in
         return x
 
 

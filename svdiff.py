@@ -1,0 +1,499 @@
+"""SVDiff (Han et al., ICCV 2023): fine-tune only the singular values of the weights — the method in one file.
+
+Every weight matrix W (a Linear weight; a Conv2d kernel reshaped to c_out x (c_in·kh·kw); an Embedding table)
+is factored once, W = U diag(σ) Vᵀ, and a "spectral shift" δ is trained (Eq. 2):
+
+    W_δ = U diag(ReLU(σ + δ)) Vᵀ,   computed as   W + U diag(ReLU(σ + δ) - σ) Vᵀ
+
+so that δ = 0 gives W exactly (the authors add the SVD residual back for the same reason). Norm scales γ get a
+full-length additive shift γ + δ, as in the official code. Biases stay frozen.
+
+Paper equation -> function: Eq. 2 `spectral_shift`, `SpectralShift.delta_weight`; Eq. 3
+`prior_preservation_loss`; Eq. 4-5 `combine`; Eq. 6 `ddim_invert`; Eq. 7 `slerp`; Cut-Mix-Unmix: see train.py.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+FORMAT = "svdiff-shifts"
+VERSION = "1"
+SUBSETS = ("all", "unet", "text", "cross-attn", "cross-attn-kv", "1d", "2d", "4d", "up", "down", "mid")
+MODES = ("auto", "dense", "factored", "naive")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The equations
+
+
+def spectral_shift(sigma, delta):
+    """Eq. 2: the shifted singular values ReLU(σ + δ) (the ReLU keeps them non-negative)."""
+    return F.relu(sigma + delta)
+
+
+def prior_preservation_loss(pred, target, prior_pred, prior_target, prior_weight):
+    """Eq. 3: ‖ε̂ - ε‖² on the subject's images + λ · the same on the class images the base model generated
+    (DreamBooth's prior preservation; the target is ε, or v for v-prediction models). Returns (loss, prior part)."""
+    loss = F.mse_loss(pred.float(), target.float())
+    prior = F.mse_loss(prior_pred.float(), prior_target.float()) if prior_pred.numel() else torch.zeros(())
+    return loss + prior_weight * prior, prior
+
+
+def combine(deltas, scales):
+    """Eq. 4-5: several subjects in one model by adding their shifts, Σ sᵢδᵢ, applied as ReLU(σ + Σ sᵢδᵢ);
+    interpolation between two is scales (α, 1 - α)."""
+    return sum(s * d.float() for d, s in zip(deltas, scales))
+
+
+def slerp(alpha, z, noise):
+    """Eq. 7: spherical interpolation between the inverted latent z_T and fresh noise, for structural edits."""
+    a, b = z.flatten(1).float(), noise.flatten(1).float()
+    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    theta = torch.acos(cos)[:, None]
+    out = (torch.sin((1 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / torch.sin(theta).clamp_min(1e-8)
+    linear = (1 - alpha) * a + alpha * b  # nearly parallel vectors: slerp == lerp
+    out = torch.where(theta < 1e-4, linear, out)
+    return out.reshape(z.shape).to(z.dtype)
+
+
+def ddim_invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="epsilon", progress=True):
+    """Eq. 6: z_T = DDIMInvert(z*, c; θ'), the image's latent run up the DDIM trajectory with the fine-tuned
+    model (guidance 1, conditioned on the TARGET prompt). The loop is ddim.invert; this names it after the paper."""
+    import ddim
+    return ddim.invert(denoise, latents, num_steps, alphas_cumprod, prediction_type, progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SVD, once
+
+
+def svd(W: torch.Tensor):
+    """W [m, n] -> U [m, r], σ [r], V [n, r], r = min(m, n), exactly (≤ 1e-6 relative reconstruction error).
+    float64 on CPU; float32 on CUDA (cuSOLVER has no half-precision SVD, and float64 is slow on most GPUs)."""
+    dtype = torch.float64 if W.device.type == "cpu" else torch.float32
+    with torch.no_grad():
+        U, S, Vh = torch.linalg.svd(W.detach().to(dtype), full_matrices=False)
+    return U, S, Vh.T
+
+
+def matrix_of(module: nn.Module) -> torch.Tensor:
+    """The weight as the paper's matrix: Linear/Embedding as is, Conv2d reshaped to c_out x (c_in·kh·kw)."""
+    return module.weight.flatten(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layer
+
+
+class SpectralShift(nn.Module):
+    """Wraps one Linear / Conv2d / Embedding / GroupNorm / LayerNorm of the frozen model and adds a trainable δ.
+
+    The wrapped module (`base`) keeps its weight W untouched. U, σ, V are non-persistent buffers: they are
+    derived data (from W, or the SVD cache), not checkpoint content."""
+
+    def __init__(self, base: nn.Module, rank: int | None = None, factors=None, mode: str = "auto"):
+        super().__init__()
+        self.base, self.mode, self.merged = base, mode, False
+        if isinstance(base, (nn.GroupNorm, nn.LayerNorm)):
+            self.kind = "norm"
+            self.delta = nn.Parameter(torch.zeros(base.weight.shape[0], device=base.weight.device))
+            return
+        self.kind = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Embedding: "embedding"}[type(base)]
+        if self.kind == "conv" and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise ValueError("grouped or non-zero-padded convolutions are not supported")
+        U, S, V = factors if factors is not None else svd(matrix_of(base))
+        k = S.shape[0] if rank is None else min(rank, S.shape[0])
+        self.full_rank = k == S.shape[0]
+        dtype = base.weight.dtype
+        self.register_buffer("U", U[:, :k].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("V", V[:, :k].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("sigma", S[:k].float().contiguous(), persistent=False)
+        self.delta = nn.Parameter(torch.zeros(k, device=base.weight.device))  # δ is always fp32
+
+    # -- Eq. 2 in its three algebraic forms -----------------------------------------------------------------
+    def delta_sigma(self):
+        """ReLU(σ + δ) - σ: the change of each singular value (0 where δ = 0, so W stays bit-exact)."""
+        return spectral_shift(self.sigma, self.delta) - self.sigma
+
+    def delta_weight(self):
+        """ΔW = U diag(ReLU(σ + δ) - σ) Vᵀ, shaped like the module's weight; W_δ = W + ΔW."""
+        dW = (self.U * self.delta_sigma().to(self.U.dtype)) @ self.V.T
+        return dW.reshape(self.base.weight.shape)
+
+    def naive_weight(self):
+        """W_δ = U diag(ReLU(σ + δ)) Vᵀ rebuilt from the factors, as the public implementation does every forward
+        (full rank only; equal to W + ΔW up to the SVD's rounding)."""
+        W = (self.U * spectral_shift(self.sigma, self.delta).to(self.U.dtype)) @ self.V.T
+        return W.reshape(self.base.weight.shape)
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        if self.kind == "norm":
+            return self._norm(x, self.base.weight + self.delta)
+        if self.kind == "embedding":
+            # W_δ[ids] = W[ids] + (U[ids] ⊙ (ReLU(σ+δ) - σ)) Vᵀ: a gather, never the whole table
+            return F.embedding(x, self.base.weight) + \
+                (self.U[x] * self.delta_sigma().to(self.U.dtype)) @ self.V.T
+        mode = self.mode if self.mode != "auto" else self.cheapest(x)
+        if mode == "naive":
+            return self._apply(x, self.naive_weight())
+        if mode == "dense":
+            return self._apply(x, self.base.weight + self.delta_weight())
+        return self._factored(x)
+
+    def cheapest(self, x) -> str:
+        """Cost model, multiply-adds of forward + backward for T input positions (tokens, or conv output pixels),
+        W of m x n, r factors. Dense: the frozen GEMM with W + ΔW runs forward, backward-to-input and
+        backward-to-weight (3·T·m·n) and ΔW is built and differentiated (2·m·n·r). Factored: x·V and ·Uᵀ forward,
+        and the same two backward (2·T·r·(m+n)), replacing the frozen GEMM instead of adding to it. A 3x3 conv
+        (n = 9·c_in ≫ m) or any layer with many tokens prefers factored; square layers with few tokens, dense."""
+        m, n = self.base.weight.shape[0], self.base.weight[0].numel()
+        r = self.sigma.shape[0]
+        if self.kind == "conv":
+            h, w = x.shape[-2:]
+            kh, kw = self.base.kernel_size
+            sh, sw = self.base.stride
+            ph, pw = self.base.padding
+            T = x.shape[0] * ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+        else:
+            T = x.numel() // x.shape[-1]
+        dense = 3 * T * m * n + 2 * m * n * r
+        factored = 2 * T * r * (m + n) + (0 if self.full_rank else 2 * T * m * n)  # rank-limited: W x too
+        return "factored" if factored < dense else "dense"
+
+    def _apply(self, x, W):
+        if self.kind == "linear":
+            return F.linear(x, W, self.base.bias)
+        b = self.base
+        return F.conv2d(x, W, b.bias, b.stride, b.padding, b.dilation, b.groups)
+
+    def _factored(self, x):
+        """y = ((x·V) ⊙ ReLU(σ+δ))·Uᵀ + b — the factorization itself as two thin layers. With a rank limit k the
+        frozen layer runs as is and only the shifted part is added: y = W x + ((x·V_k) ⊙ (ReLU(σ+δ) - σ))·U_kᵀ."""
+        scale = (spectral_shift(self.sigma, self.delta) if self.full_rank else self.delta_sigma()).to(self.U.dtype)
+        b = self.base
+        if self.kind == "linear":
+            y = ((x @ self.V) * scale) @ self.U.T
+            return y + (b.bias if self.full_rank and b.bias is not None else 0) + (0 if self.full_rank else b(x))
+        r = self.V.shape[1]
+        filters = self.V.T.reshape(r, *b.weight.shape[1:])  # r filters over the c_in x kh x kw patch
+        h = F.conv2d(x, filters, None, b.stride, b.padding, b.dilation)
+        h = h * scale[:, None, None]
+        y = F.conv2d(h, self.U[:, :, None, None], b.bias if self.full_rank else None)  # U as a 1x1 conv
+        return y if self.full_rank else y + b(x)
+
+    def _norm(self, x, gamma):
+        b = self.base
+        if isinstance(b, nn.GroupNorm):  # statistics in fp32, as SD's GroupNorm32
+            return F.group_norm(x.float(), b.num_groups, gamma.float(), b.bias.float(), b.eps).to(x.dtype)
+        return F.layer_norm(x, b.normalized_shape, gamma.to(x.dtype), b.bias, b.eps)
+
+    # -- inference --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, keep_original=True):
+        """Write W_δ into the base weight once, so the layer costs exactly what the base layer costs."""
+        if self.merged:
+            return
+        W = self.base.weight
+        self.original = W.detach().to("cpu", copy=True) if keep_original else None
+        new = W + self.delta.to(W.dtype) if self.kind == "norm" else W + self.delta_weight()
+        W.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        if self.original is None:
+            raise ValueError("this model was merged without keeping the original weights; reload it")
+        self.base.weight.copy_(self.original.to(self.base.weight.device))
+        self.original, self.merged = None, False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adding shifts to a model
+
+
+def _in_subset(component: str, name: str, module: nn.Module, subset: str) -> bool:
+    """The paper's subsets (Table 1). Names are the original checkpoint's (input_blocks = down, ...)."""
+    if subset == "all":
+        return True
+    if subset == "text":
+        return component == "text_encoder"
+    if component != "unet":
+        return False
+    return {"unet": True,
+            "cross-attn": re.search(r"attn2\.(to_q|to_k|to_v|to_out\.0)$", name) is not None,
+            "cross-attn-kv": re.search(r"attn2\.(to_k|to_v)$", name) is not None,
+            "1d": isinstance(module, (nn.GroupNorm, nn.LayerNorm)),
+            "2d": isinstance(module, nn.Linear),
+            "4d": isinstance(module, nn.Conv2d),
+            "up": name.startswith("output_blocks."),
+            "down": name.startswith("input_blocks."),
+            "mid": name.startswith("middle_block.")}[subset]
+
+
+SHIFTABLE = (nn.Linear, nn.Conv2d, nn.Embedding, nn.GroupNorm, nn.LayerNorm)
+
+
+def shiftable_modules(model, subset="all", keys=None):
+    """[(component, module name, module)] of the weights to shift, in model order. `keys`: original checkpoint
+    keys (a shift file's) instead of a subset."""
+    import sd
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
+    out = []
+    for component in ("unet", "text_encoder"):
+        root = getattr(model, component)
+        if root is None:
+            continue
+        for name, m in root.named_modules():
+            if not isinstance(m, SHIFTABLE) or getattr(m, "weight", None) is None:
+                continue
+            if keys is not None:
+                if sd.checkpoint_key(component, name + ".weight", model.family) in keys:
+                    out.append((component, name, m))
+            elif _in_subset(component, name, m, subset):
+                out.append((component, name, m))
+    return out
+
+
+def shift_length(module: nn.Module, rank=None) -> int:
+    """Length of δ: min(rows, cols) of the matrix (at most `rank`), or C for a norm's γ. Works on `meta`."""
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+        return module.weight.shape[0]
+    r = min(module.weight.shape[0], module.weight[0].numel())
+    return r if rank is None else min(rank, r)
+
+
+def shifts(model):
+    """[(original checkpoint key, SpectralShift)] of a model with shifts added."""
+    import sd
+    out = []
+    for component in ("unet", "text_encoder"):
+        root = getattr(model, component)
+        for name, m in (root.named_modules() if root is not None else []):
+            if isinstance(m, SpectralShift):
+                out.append((sd.checkpoint_key(component, name + ".weight", model.family), m))
+    return out
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def add_spectral_shifts(model, subset="all", rank=None, mode="auto", cache=None, keys=None, progress=True):
+    """Wrap the chosen layers of model.unet and model.text_encoder in SpectralShift (δ = 0: outputs unchanged).
+    The SVDs run on the model's device; `cache` (a file path) stores/reuses them, keyed by the base weights'
+    fingerprint. Everything else is frozen. Returns the list of (key, SpectralShift)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    for component in ("unet", "text_encoder", "vae"):
+        if getattr(model, component, None) is not None:
+            getattr(model, component).requires_grad_(False)
+    chosen = shiftable_modules(model, subset, keys)
+    if not chosen:
+        raise ValueError(f"no layers selected (subset {subset!r})")
+    cached = load_svd_cache(cache, model) if cache else {}
+    computed = {}
+    for component, name, m in tqdm(chosen, desc="SVD", disable=not progress):
+        root = getattr(model, component)
+        key = f"{component}.{name}"
+        factors = None
+        if not isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            factors = cached.get(key)
+            if factors is None:
+                factors = computed[key] = svd(matrix_of(m))
+            factors = tuple(f.to(m.weight.device) for f in factors)
+        _set_child(root, name, SpectralShift(m, rank, factors, mode))
+    if cache and computed:
+        save_svd_cache(cache, model, {**cached, **computed})
+    return shifts(model)
+
+
+def remove_spectral_shifts(model):
+    """Put the plain layers back (with their current weights: unmerge first to get the originals)."""
+    for component in ("unet", "text_encoder"):
+        root = getattr(model, component)
+        for name, m in list(root.named_modules() if root is not None else []):
+            if isinstance(m, SpectralShift):
+                _set_child(root, name, m.base)
+
+
+def param_groups(model, lr=1e-3, lr_1d=1e-6):
+    """AdamW groups with the authors' learning rates: 1e-3 for matrix shifts, 1e-6 for norm (1-D) shifts."""
+    matrix = [m.delta for _, m in shifts(model) if m.kind != "norm"]
+    norm = [m.delta for _, m in shifts(model) if m.kind == "norm"]
+    return [g for g in ({"params": matrix, "lr": lr, "name": "matrix"},
+                        {"params": norm, "lr": lr_1d, "name": "1d"}) if g["params"]]
+
+
+def set_mode(model, mode):
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    for _, m in shifts(model):
+        m.mode = mode
+
+
+def merge(model, keep_original=True):
+    for _, m in shifts(model):
+        m.merge(keep_original)
+
+
+def unmerge(model):
+    for _, m in shifts(model):
+        m.unmerge()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprint and SVD cache
+
+
+def fingerprint(model) -> str:
+    """A cheap identity of the base weights (UNet + text encoder): names, shapes and rounded statistics of a
+    strided sample of each tensor — the same for fp16/bf16/fp32 loads of one model, different for another."""
+    h = hashlib.sha256()
+    for component in ("unet", "text_encoder"):
+        root = getattr(model, component)
+        for name, p in (root.named_parameters() if root is not None else []):
+            if name.endswith("delta"):
+                continue
+            s = p.detach().flatten()[:: max(1, p.numel() // 4096)].double()
+            std = s.std().item() if s.numel() > 1 else 0.0
+            h.update(f"{component}.{name.replace('base.', '')}{tuple(p.shape)}{s.mean().item():.3g}{std:.3g}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_svd_cache(path, model) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != fingerprint(model):
+            print(f"note: SVD cache {path} is for other base weights; recomputing", file=sys.stderr)
+            return {}
+        names = {k.rsplit(".", 1)[0] for k in f.keys()}
+        return {n: (f.get_tensor(n + ".U"), f.get_tensor(n + ".S"), f.get_tensor(n + ".V")) for n in names}
+
+
+def save_svd_cache(path, model, factors: dict):
+    from safetensors.torch import save_file
+    flat = {}
+    for n, (U, S, V) in factors.items():
+        flat |= {n + ".U": U.contiguous().cpu(), n + ".S": S.contiguous().cpu(), n + ".V": V.contiguous().cpu()}
+    _atomic(lambda p: save_file(flat, str(p), metadata={"fingerprint": fingerprint(model)}), Path(path))
+
+
+def _atomic(write, path: Path):
+    """Temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shift files
+
+
+def save_shift_file(model, path, half=False, subset="all", rank=None):
+    """δ of every shifted layer, keyed by the weight's ORIGINAL single-file checkpoint name."""
+    from safetensors.torch import save_file
+    tensors = {k: m.delta.detach().to(torch.float16 if half else torch.float32).cpu().contiguous()
+               for k, m in shifts(model)}
+    meta = {"format": FORMAT, "version": VERSION, "family": model.family, "subset": str(subset),
+            "rank": str(rank or ""), "fingerprint": fingerprint(model)}
+    _atomic(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
+
+
+def read_shift_file(path):
+    """(δ by original key, metadata). A file with no svdiff metadata (another tool's) is accepted as is."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such shift file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .safetensors shift file ({e})") from None
+
+
+def check_shift_file(model, path, tensors, meta, force=False):
+    if meta.get("family") and meta["family"] != model.family:
+        raise ValueError(f"{path}: shifts for an {meta['family']} model, but the base model is {model.family}")
+    if "fingerprint" not in meta:
+        warnings.warn(f"{path} has no base-model fingerprint (written by another tool?); applying it anyway")
+    elif meta["fingerprint"] != fingerprint(model) and not force:
+        raise ValueError(f"{path}: trained on a different base model (fingerprint {meta['fingerprint']} != "
+                         f"{fingerprint(model)}); use the same base model, or --force to apply anyway")
+
+
+def load_shift_file(model, path, scale=1.0, force=False):
+    """Set the δ of a model with shifts added from a file (resume; or to continue from shifts)."""
+    tensors, meta = read_shift_file(path)
+    check_shift_file(model, path, tensors, meta, force)
+    layers = dict(shifts(model))
+    for k, d in tensors.items():
+        if k not in layers:
+            raise ValueError(f"{path}: key {k} is not a shifted layer of this model")
+        if d.shape != layers[k].delta.shape:
+            raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
+        with torch.no_grad():
+            layers[k].delta.copy_(scale * d.float())
+
+
+def parse_spec(spec: str):
+    """FILE[:SCALE] -> (path, scale)."""
+    path, _, scale = spec.rpartition(":") if re.search(r":-?[\d.]+$", spec) else (spec, "", "1")
+    return Path(path), float(scale)
+
+
+def apply_shift_files(model, specs, force=False, merged=True, layers=None):
+    """sample.py --shifts A.safetensors[:s] B.safetensors[:s]: ReLU(σ + Σ sᵢδᵢ) (Eq. 4-5), merged once. `layers`
+    (style mixing): {file index: [key prefixes]} takes those layers from that file alone."""
+    combined = {}
+    for i, spec in enumerate(specs):
+        path, scale = parse_spec(spec)
+        tensors, meta = read_shift_file(path)
+        check_shift_file(model, path, tensors, meta, force)
+        for k, d in tensors.items():
+            if layers is not None and not any(k.startswith(p) for p in layers.get(i, [""])):
+                continue
+            if k in combined and combined[k].shape != d.shape:
+                raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, other files {combined[k].shape[0]}")
+            combined[k] = combined.get(k, 0) + scale * d.float()
+    known = {_key(model, component, name) for component, name, _ in shiftable_modules(model)}
+    for k in combined:
+        if k not in known:
+            raise ValueError(f"key {k} of the shift files is not a weight of this model")
+    add_spectral_shifts(model, keys=set(combined), progress=True)
+    layers_by_key = dict(shifts(model))
+    for k, d in combined.items():
+        if d.shape != layers_by_key[k].delta.shape:
+            raise ValueError(f"key {k}: δ of length {d.shape[0]}, expected {layers_by_key[k].delta.shape[0]}")
+        with torch.no_grad():
+            layers_by_key[k].delta.copy_(d)
+    if merged:
+        merge(model, keep_original=False)
+
+
+def _key(model, component, name):
+    import sd
+    return sd.checkpoint_key(component, name + ".weight", model.family)

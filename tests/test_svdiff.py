@@ -1,0 +1,246 @@
+"""svdiff.py: Eq. 2 in all its forms agrees, shifts files are portable, and the counts are the paper's."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import clip_text
+import sd
+import svdiff
+import tiny
+import unet as unet_lib
+
+LAYERS = {
+    "linear-few-tokens": (lambda: nn.Linear(48, 32), (3, 7, 48)),
+    "linear-many-tokens": (lambda: nn.Linear(32, 96), (600, 32)),
+    "conv3x3": (lambda: nn.Conv2d(8, 16, 3, padding=1), (2, 8, 6, 6)),
+    "conv1x1": (lambda: nn.Conv2d(16, 8, 1), (2, 16, 5, 5)),
+    "conv-stride2": (lambda: nn.Conv2d(8, 8, 3, stride=2, padding=1), (2, 8, 9, 9)),
+}
+
+
+def shifted(make, seed=0):
+    torch.manual_seed(seed)
+    base = make().requires_grad_(False)
+    return base, svdiff.SpectralShift(base)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_zero_shift_is_the_identity(name):
+    make, shape = LAYERS[name]
+    base, layer = shifted(make)
+    x = torch.randn(shape)
+    layer.mode = "dense"
+    assert torch.equal(layer(x), base(x))  # bit-exact: W + 0
+    layer.mode = "factored"
+    assert rel(layer(x), base(x)) <= 1e-6  # the SVD's rounding only
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_fast_paths_equal_the_naive_formula_in_values_and_gradients(name):
+    make, shape = LAYERS[name]
+    _, layer = shifted(make)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(layer.delta.shape) * layer.sigma)
+    results = {}
+    for mode in ("naive", "dense", "factored", "auto"):
+        layer.mode = mode
+        layer.delta.grad = None
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results[mode] = (y.detach(), layer.delta.grad.clone())
+    for mode in ("dense", "factored", "auto"):
+        assert rel(results[mode][0], results["naive"][0]) <= 1e-5, mode
+        assert rel(results[mode][1], results["naive"][1]) <= 1e-5, mode
+
+
+def test_auto_picks_factored_for_convs_and_dense_for_square_layers_with_many_tokens():
+    _, conv = shifted(LAYERS["conv3x3"][0])
+    assert conv.cheapest(torch.randn(2, 8, 6, 6)) == "factored"
+    _, square = shifted(lambda: nn.Linear(64, 64))
+    # square: dense 3·T·n² + 2·n³ vs factored 4·T·n², so dense wins once T > 2n
+    assert square.cheapest(torch.randn(1, 2, 64)) == "factored"
+    assert square.cheapest(torch.randn(1, 200, 64)) == "dense"
+
+
+def test_relu_clamps_singular_values_pushed_below_zero():
+    base, layer = shifted(lambda: nn.Linear(6, 6))
+    with torch.no_grad():
+        layer.delta.copy_(-2 * layer.sigma)  # every σ + δ < 0 -> all singular values 0
+    assert layer.naive_weight().abs().max() <= 1e-6
+    assert (base.weight + layer.delta_weight()).abs().max() <= 1e-5
+    with torch.no_grad():
+        layer.delta.copy_(torch.tensor([-10.0, 0, 0, 0, 0, 0.5]))
+    s = torch.linalg.svdvals((base.weight + layer.delta_weight()).double())
+    expected = torch.cat([layer.sigma[1:5], layer.sigma[5:] + 0.5, torch.zeros(1)]).double().sort(descending=True).values
+    assert torch.allclose(s, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(4, 8), nn.LayerNorm(8)])
+def test_norm_scale_gets_a_full_length_additive_shift(norm):
+    layer = svdiff.SpectralShift(norm.requires_grad_(False))
+    assert layer.delta.shape == (8,)
+    x = torch.randn(2, 8, 3, 3) if isinstance(norm, nn.GroupNorm) else torch.randn(2, 5, 8)
+    assert torch.allclose(layer(x), norm(x), atol=1e-6)
+    d = torch.randn(8)
+    import copy
+    shifted_norm = copy.deepcopy(norm)
+    with torch.no_grad():
+        layer.delta.copy_(d)
+        shifted_norm.weight.add_(d)
+    assert torch.allclose(layer(x), shifted_norm(x), atol=1e-6)
+
+
+def test_embedding_shift_equals_the_shifted_table():
+    base = nn.Embedding(50, 12).requires_grad_(False)
+    layer = svdiff.SpectralShift(base)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(12))
+    ids = torch.randint(0, 50, (2, 7))
+    assert rel(layer(ids), layer.naive_weight()[ids]) <= 1e-5
+
+
+def test_rank_limit_shifts_only_the_largest_singular_values():
+    base, _ = shifted(lambda: nn.Linear(24, 16))
+    layer = svdiff.SpectralShift(base, rank=4)
+    assert layer.delta.shape == (4,)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(4))
+    x = torch.randn(5, 24)
+    layer.mode = "dense"
+    y_dense = layer(x)
+    layer.mode = "factored"
+    assert rel(layer(x), y_dense) <= 1e-5
+    full = svdiff.SpectralShift(base)
+    with torch.no_grad():
+        full.delta.zero_()
+        full.delta[:4] = layer.delta
+    full.mode = "naive"
+    assert rel(full(x), y_dense) <= 1e-5
+
+
+def tiny_model(tmp_path, bpe_vocab, family="sd1"):
+    path = tmp_path / f"{family}.safetensors"
+    if not path.exists():
+        tiny.write_single_file(path, family)
+    return sd.load(path, vocab=bpe_vocab)
+
+
+def test_merge_and_unmerge_are_bit_exact(tmp_path, bpe_vocab):
+    model = tiny_model(tmp_path, bpe_vocab)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    svdiff.add_spectral_shifts(model, progress=False)
+    for _, m in svdiff.shifts(model):
+        with torch.no_grad():
+            m.delta.normal_(0, 0.1)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny.TEXT_WIDTH)
+    with torch.no_grad():
+        y_shifted = model.unet(x, 10, ctx)
+        svdiff.merge(model)
+        y_merged = model.unet(x, 10, ctx)
+        svdiff.unmerge(model)
+    assert rel(y_merged, y_shifted) <= 1e-5
+    svdiff.remove_spectral_shifts(model)
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_shift_file_round_trip_keys_and_errors(tmp_path, bpe_vocab):
+    model = tiny_model(tmp_path, bpe_vocab, "sd2")
+    svdiff.add_spectral_shifts(model, progress=False)
+    for _, m in svdiff.shifts(model):
+        with torch.no_grad():
+            m.delta.normal_()
+    path = tmp_path / "shifts.safetensors"
+    svdiff.save_shift_file(model, path)
+    tensors, meta = svdiff.read_shift_file(path)
+    assert meta["family"] == "sd2" and meta["format"] == svdiff.FORMAT
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
+    assert "cond_stage_model.model.positional_embedding" in tensors
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in tensors
+    assert tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (tiny.TEXT_WIDTH,)
+    other = tiny_model(tmp_path, bpe_vocab, "sd2")
+    svdiff.add_spectral_shifts(other, progress=False)
+    svdiff.load_shift_file(other, path)
+    assert all(torch.equal(a.delta, b.delta) for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(other)))
+
+    with torch.no_grad():  # another base model: refused unless forced
+        next(p for n, p in other.unet.named_parameters() if not n.endswith("delta")).mul_(3)
+    with pytest.raises(ValueError, match="different base model"):
+        svdiff.load_shift_file(other, path)
+    svdiff.load_shift_file(other, path, force=True)
+
+    from safetensors.torch import save_file
+    bad = dict(tensors)
+    bad["model.diffusion_model.nope.weight"] = torch.zeros(3)
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="model.diffusion_model.nope.weight"):
+        svdiff.load_shift_file(model, tmp_path / "bad.safetensors")
+    bad = dict(tensors)
+    k = "model.diffusion_model.out.2.weight"
+    bad[k] = torch.zeros(bad[k].shape[0] + 1)
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="out.2.weight"):
+        svdiff.load_shift_file(model, tmp_path / "bad.safetensors")
+
+
+def test_param_groups_use_the_authors_learning_rates(tmp_path, bpe_vocab):
+    model = tiny_model(tmp_path, bpe_vocab)
+    svdiff.add_spectral_shifts(model, progress=False)
+    groups = {g["name"]: g for g in svdiff.param_groups(model)}
+    assert groups["matrix"]["lr"] == 1e-3 and groups["1d"]["lr"] == 1e-6
+    assert all(p.ndim == 1 for g in groups.values() for p in g["params"])
+    n_norm = sum(isinstance(m.base, (nn.GroupNorm, nn.LayerNorm)) for _, m in svdiff.shifts(model))
+    assert len(groups["1d"]["params"]) == n_norm > 0
+    trainable = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("delta") for n in trainable)
+
+
+def test_sd15_counts_are_the_papers():
+    """On the meta device (no memory): all = 398,197 floats (UNet 322,856 + text 75,341); Table 1 subsets."""
+    with torch.device("meta"):
+        model = sd.StableDiffusion(unet_lib.UNet(unet_lib.UNetConfig()), None,
+                                   clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
+
+    def count(subset):
+        return sum(svdiff.shift_length(m) for _, _, m in svdiff.shiftable_modules(model, subset))
+    assert (count("all"), count("unet"), count("text")) == (398_197, 322_856, 75_341)
+    assert (count("1d"), count("2d"), count("4d")) == (100_160, 140_416, 82_280)
+    assert (count("cross-attn"), count("cross-attn-kv")) == (43_776, 18_816)
+    assert count("up") + count("down") + count("mid") < count("unet")
+
+
+def test_sd15_all_shift_file_size(tmp_path):
+    """Every δ of SD1.5 `all` in fp32, with the original key names: within 1.65 MiB."""
+    from safetensors.torch import save_file
+    with torch.device("meta"):
+        model = sd.StableDiffusion(unet_lib.UNet(unet_lib.UNetConfig()), None,
+                                   clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
+    tensors = {sd.checkpoint_key(c, n + ".weight", "sd1"): torch.zeros(svdiff.shift_length(m))
+               for c, n, m in svdiff.shiftable_modules(model)}
+    meta = {"format": svdiff.FORMAT, "version": svdiff.VERSION, "family": "sd1", "subset": "all", "rank": "",
+            "fingerprint": "0" * 16}
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
+    size = os.path.getsize(tmp_path / "s.safetensors")
+    assert size <= 1.65 * 2 ** 20, size
+    save_file({k: v.half() for k, v in tensors.items()}, str(tmp_path / "h.safetensors"), metadata=meta)
+    assert os.path.getsize(tmp_path / "h.safetensors") < 0.55 * size
+
+
+def test_slerp_endpoints_and_norm():
+    z, n = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.allclose(svdiff.slerp(0.0, z, n), z, atol=1e-5)
+    assert torch.allclose(svdiff.slerp(1.0, z, n), n, atol=1e-5)
+
+
+def test_prior_preservation_loss_is_instance_plus_weighted_prior():
+    p, t, pp, pt = (torch.randn(2, 4, 8, 8) for _ in range(4))
+    loss, prior = svdiff.prior_preservation_loss(p, t, pp, pt, 0.5)
+    assert torch.allclose(loss, ((p - t) ** 2).mean() + 0.5 * ((pp - pt) ** 2).mean())
+    assert torch.allclose(prior, ((pp - pt) ** 2).mean())
