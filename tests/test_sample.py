@@ -69,3 +69,54 @@ def test_single_file_without_vocabulary_and_unwritable_out(tmp_path):
     assert not (tmp_path / "out").exists()
     r = run_cli("--model", str(model), "--prompt", "x", "--out", str(model / "sub"), "--device", "cpu")
     assert r.returncode == 1 and "not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float64(tmp_path, bpe_vocab, family):
+    """Two random δ files with scales, applied by sample.py --shifts, vs diffusers run on W_δ = U diag(ReLU(σ +
+    Σ sᵢδᵢ)) Vᵀ that this test computes itself in float64 from the original-layout weights (γ + Σ sᵢδᵢ for norms)."""
+    from safetensors.torch import load_file, save_file
+    model_path = tmp_path / "model.safetensors"
+    tiny.write_single_file(model_path, family)
+    ckpt = load_file(str(model_path))
+    import sd
+    import svdiff
+    base = sd.load(model_path, vocab=bpe_vocab)
+    meta = {"format": svdiff.FORMAT, "version": svdiff.VERSION, "family": family, "subset": "all", "rank": "",
+            "fingerprint": svdiff.fingerprint(base)}
+    keys = [sd.checkpoint_key(c, n + ".weight", family) for c, n, _ in svdiff.shiftable_modules(base)]
+    g = torch.Generator().manual_seed(5)
+    files, scales = [], [0.7, -0.4]
+    for i in range(2):
+        deltas = {}
+        for k in keys:
+            w = ckpt[k].double()
+            size = w.shape[0] if w.ndim == 1 else min(w.shape[0], w[0].numel())
+            deltas[k] = torch.randn(size, generator=g) * (0.05 if w.ndim == 1 else 0.3 * w.flatten(1).norm().item() / size ** 0.5)
+        save_file(deltas, str(tmp_path / f"d{i}.safetensors"), metadata=meta)
+        files.append(deltas)
+    shifted = dict(ckpt)
+    for k in keys:
+        d = sum(s * f[k].double() for s, f in zip(scales, files))
+        w = ckpt[k].double()
+        if w.ndim == 1:
+            shifted[k] = (w + d).float()
+            continue
+        U, S, Vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
+        shifted[k] = ((U * torch.relu(S + d)) @ Vh).reshape(w.shape).float()
+    oracle = tiny.oracle_from_checkpoint(shifted, family)
+    tiny.write_tokenizer_files(tmp_path / "tokenizer", bpe_vocab, family)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(tiny.json.dumps(tiny.SCHEDULER))
+
+    sample.main(["--model", str(model_path), "--vocab", str(bpe_vocab), "--prompt", "a photo of a dog",
+                 "--steps", "3", "--guidance", "7.5", "--seed", "1", "--height", "64", "--width", "64",
+                 "--num-images", "2", "--device", "cpu", "--out", str(tmp_path / "out"),
+                 "--shifts", f"{tmp_path / 'd0.safetensors'}:{scales[0]}", f"{tmp_path / 'd1.safetensors'}:{scales[1]}"])
+    ref = pipeline(tmp_path, oracle)("a photo of a dog", num_inference_steps=3, guidance_scale=7.5, height=64,
+                                     width=64, num_images_per_prompt=2, output_type="np",
+                                     generator=torch.Generator("cpu").manual_seed(1)).images
+    ref = (ref * 255).round().astype(np.int16)
+    for i in range(2):
+        ours = np.asarray(Image.open(tmp_path / "out" / f"{i:03d}.png")).astype(np.int16)
+        assert np.abs(ours - ref[i]).max() <= 2, f"image {i}: max diff {np.abs(ours - ref[i]).max()}/255"

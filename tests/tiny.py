@@ -78,8 +78,6 @@ def _hf_text_state(state):
 
 def write_single_file(path: Path, family: str, dtype=torch.float32, extras=True):
     """Draw original-layout tensors and write one checkpoint file; return the oracle models (diffusers/HF)."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     ucfg = unet_lib.config_from_diffusers(unet_config(family))
     ours_unet = randomize_(unet_lib.UNet(ucfg), 1)
     ours_vae = randomize_(vae_lib.VAE(vae_lib.config_from_diffusers(VAE_CONFIG)), 2)
@@ -109,7 +107,22 @@ def write_single_file(path: Path, family: str, dtype=torch.float32, extras=True)
         else:
             ckpt["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
 
-    # The oracle, through diffusers' own converters.
+    oracle = oracle_from_checkpoint(ckpt, family)
+    ckpt = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": ckpt, "global_step": 1}, path)
+    else:
+        save_file(ckpt, str(path))
+    if dtype != torch.float32:  # the oracle sees the same rounded numbers
+        for m in oracle.values():
+            m.to(dtype).float()
+    return oracle
+
+
+def oracle_from_checkpoint(ckpt: dict, family: str):
+    """diffusers/transformers models loaded from an original-layout state dict by diffusers' OWN converters."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     o_unet = _oracle_unet(family)
     o_unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(o_unet.config)), strict=True)
     o_vae = _oracle_vae()
@@ -118,15 +131,6 @@ def write_single_file(path: Path, family: str, dtype=torch.float32, extras=True)
     text_sd = convert_ldm_clip_checkpoint(ckpt) if family == "sd1" else convert_open_clip_checkpoint(o_text, ckpt)
     text_sd = {k: v for k, v in _hf_text_state(text_sd).items() if k != "embeddings.position_ids"}
     o_text.load_state_dict(text_sd, strict=True)
-
-    ckpt = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()}
-    if path.suffix == ".ckpt":
-        torch.save({"state_dict": ckpt, "global_step": 1}, path)
-    else:
-        save_file(ckpt, str(path))
-    if dtype != torch.float32:  # the oracle sees the same rounded numbers
-        for m in (o_unet, o_vae, o_text):
-            m.to(dtype).float()
     return dict(unet=o_unet, vae=o_vae, text_encoder=o_text)
 
 
