@@ -419,15 +419,24 @@ def ignored_original_key(key: str, cfg: TextConfig) -> bool:
     return cfg.family == "sd2" and m is not None and int(m[1]) >= cfg.layers  # the unused last ViT-H block
 
 
-# Hugging Face CLIP names -> OpenCLIP names (SD2 diffusers folders hold the HF layout)
-HF_TO_OPENCLIP = [(r"^embeddings\.token_embedding\.", "token_embedding."),
-                  (r"^embeddings\.position_embedding\.", "positional_embedding."),
-                  (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"transformer.resblocks.\1.ln_1."),
-                  (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"transformer.resblocks.\1.ln_2."),
-                  (r"^encoder\.layers\.(\d+)\.self_attn\.", r"transformer.resblocks.\1.attn."),
-                  (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.resblocks.\1.mlp.c_fc."),
-                  (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.resblocks.\1.mlp.c_proj."),
-                  (r"^final_layer_norm\.", "ln_final.")]
+# Hugging Face CLIP names <-> OpenCLIP names (SD2 diffusers folders hold the HF layout); {} is the layer number
+HF_OPENCLIP = [("embeddings.token_embedding.", "token_embedding."),
+               ("embeddings.position_embedding.", "positional_embedding."),
+               ("encoder.layers.{}.layer_norm1.", "transformer.resblocks.{}.ln_1."),
+               ("encoder.layers.{}.layer_norm2.", "transformer.resblocks.{}.ln_2."),
+               ("encoder.layers.{}.self_attn.", "transformer.resblocks.{}.attn."),
+               ("encoder.layers.{}.mlp.fc1.", "transformer.resblocks.{}.mlp.c_fc."),
+               ("encoder.layers.{}.mlp.fc2.", "transformer.resblocks.{}.mlp.c_proj."),
+               ("final_layer_norm.", "ln_final.")]
+
+
+def _rename_prefix(key: str, to_openclip: bool) -> str | None:
+    for hf, oc in HF_OPENCLIP:
+        src, dst = (hf, oc) if to_openclip else (oc, hf)
+        m = re.match(re.escape(src).replace(r"\{\}", r"(\d+)"), key)
+        if m:
+            return dst.format(*m.groups()) + key[m.end():]
+    return None
 
 
 def diffusers_to_original(key: str, cfg: TextConfig) -> str | None:
@@ -437,10 +446,9 @@ def diffusers_to_original(key: str, cfg: TextConfig) -> str | None:
         return None
     if cfg.family == "sd1":
         return "text_model." + key
-    for pattern, repl in HF_TO_OPENCLIP:
-        new = re.sub(pattern, repl, key)
-        if new != key:
-            return new
+    new = _rename_prefix(key, to_openclip=True)
+    if new is not None:
+        return new
     raise ValueError(f"text encoder key {key!r} cannot be mapped to OpenCLIP names")
 
 
@@ -451,3 +459,17 @@ def fuse_qkv(state: dict) -> dict:
         parts = [state.pop(f"{prefix}.attn.{p}_proj.{kind}") for p in "qkv"]
         state[f"{prefix}.attn.in_proj.{kind}"] = torch.cat(parts)
     return state
+
+
+def module_to_hf(key: str, cfg: TextConfig) -> list[str]:
+    """Our module key -> the Hugging Face CLIPTextModel key(s) (kohya LoRA names); SD2's fused in_proj gives the
+    three q/k/v keys, in row order."""
+    if cfg.family == "sd1":
+        return [key]
+    hf = _rename_prefix(key, to_openclip=False)
+    if hf is None:
+        raise ValueError(f"text encoder key {key!r} has no Hugging Face name")
+    hf = "text_model." + hf
+    if ".self_attn.in_proj." in hf:
+        return [hf.replace(".in_proj.", f".{p}_proj.") for p in "qkv"]
+    return [hf]

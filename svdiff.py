@@ -11,10 +11,7 @@ full-length additive shift γ + δ, as in the official code. Biases stay frozen.
 Paper equation -> function: Eq. 2 `spectral_shift`, `SpectralShift.delta_weight`; Eq. 3
 `prior_preservation_loss`; Eq. 4-5 `combine`; Eq. 6 `ddim_invert`; Eq. 7 `slerp`; Cut-Mix-Unmix: see train.py.
 """
-import argparse
 import hashlib
-import json
-import math
 import os
 import re
 import sys
@@ -395,10 +392,10 @@ def save_svd_cache(path, model, factors: dict):
     flat = {}
     for n, (U, S, V) in factors.items():
         flat |= {n + ".U": U.contiguous().cpu(), n + ".S": S.contiguous().cpu(), n + ".V": V.contiguous().cpu()}
-    _atomic(lambda p: save_file(flat, str(p), metadata={"fingerprint": fingerprint(model)}), Path(path))
+    atomic_write(lambda p: save_file(flat, str(p), metadata={"fingerprint": fingerprint(model)}), Path(path))
 
 
-def _atomic(write, path: Path):
+def atomic_write(write, path: Path):
     """Temp file in the same folder, then rename: a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -419,7 +416,7 @@ def save_shift_file(model, path, half=False, subset="all", rank=None):
                for k, m in shifts(model)}
     meta = {"format": FORMAT, "version": VERSION, "family": model.family, "subset": str(subset),
             "rank": str(rank or ""), "fingerprint": fingerprint(model)}
-    _atomic(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
+    atomic_write(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
 
 
 def read_shift_file(path):
@@ -461,35 +458,64 @@ def load_shift_file(model, path, scale=1.0, force=False):
 
 def parse_spec(spec: str):
     """FILE[:SCALE] -> (path, scale)."""
-    path, _, scale = spec.rpartition(":") if re.search(r":-?[\d.]+$", spec) else (spec, "", "1")
-    return Path(path), float(scale)
+    m = re.fullmatch(r"(.+):(-?[\d.]+(?:e-?\d+)?)", spec)
+    return (Path(m[1]), float(m[2])) if m else (Path(spec), 1.0)
 
 
-def apply_shift_files(model, specs, force=False, merged=True, layers=None):
-    """sample.py --shifts A.safetensors[:s] B.safetensors[:s]: ReLU(σ + Σ sᵢδᵢ) (Eq. 4-5), merged once. `layers`
-    (style mixing): {file index: [key prefixes]} takes those layers from that file alone."""
+def in_layer_range(key: str, ranges) -> bool:
+    """Style mixing: is this key in one of the named layer ranges ("input_blocks.4-8", "middle_block", any
+    key prefix)?"""
+    for r in ranges:
+        m = re.fullmatch(r"(\w+)\.(\d+)-(\d+)", r)
+        if m:
+            k = re.search(rf"\b{m[1]}\.(\d+)\.", key)
+            if k and int(m[2]) <= int(k[1]) <= int(m[3]):
+                return True
+        elif r in key:
+            return True
+    return False
+
+
+def combine_files(specs, mix=None):
+    """Eq. 4-5 on files: Σ sᵢδᵢ per key (a key missing from a file counts as δ = 0). With `mix` (two files,
+    style mixing), the keys in those layer ranges come from the second file and all others from the first.
+    Returns (δ by key, metadata of the first file)."""
+    read = [(parse_spec(s), read_shift_file(parse_spec(s)[0])) for s in specs]
+    (first_path, _), (_, first_meta) = read[0]
+    for (path, _), (_, meta) in read[1:]:
+        for field in ("family", "fingerprint"):
+            if meta.get(field) != first_meta.get(field):
+                raise ValueError(f"{path}: {field} {meta.get(field)} differs from {first_path}'s "
+                                 f"{first_meta.get(field)}; shifts of different base models cannot be combined")
+    if mix is not None and len(read) != 2:
+        raise ValueError("style mixing takes exactly two files: layers in the ranges from the second, rest from the first")
     combined = {}
-    for i, spec in enumerate(specs):
-        path, scale = parse_spec(spec)
-        tensors, meta = read_shift_file(path)
-        check_shift_file(model, path, tensors, meta, force)
+    for i, ((path, scale), (tensors, _)) in enumerate(read):
         for k, d in tensors.items():
-            if layers is not None and not any(k.startswith(p) for p in layers.get(i, [""])):
+            if mix is not None and in_layer_range(k, mix) != (i == 1):
                 continue
             if k in combined and combined[k].shape != d.shape:
-                raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, other files {combined[k].shape[0]}")
-            combined[k] = combined.get(k, 0) + scale * d.float()
+                raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, the other files {combined[k].shape[0]}")
+            combined[k] = combined.get(k, 0) + combine([d], [scale])
+    return combined, first_meta
+
+
+def apply_shift_files(model, specs, force=False, merged=True, mix=None):
+    """sample.py --shifts A.safetensors[:s] B.safetensors[:s]: ReLU(σ + Σ sᵢδᵢ) (Eq. 4-5), merged once so that
+    sampling costs what the base model costs."""
+    combined, meta = combine_files(specs, mix)
+    check_shift_file(model, specs[0], combined, meta, force)
     known = {_key(model, component, name) for component, name, _ in shiftable_modules(model)}
     for k in combined:
         if k not in known:
             raise ValueError(f"key {k} of the shift files is not a weight of this model")
     add_spectral_shifts(model, keys=set(combined), progress=True)
-    layers_by_key = dict(shifts(model))
+    layers = dict(shifts(model))
     for k, d in combined.items():
-        if d.shape != layers_by_key[k].delta.shape:
-            raise ValueError(f"key {k}: δ of length {d.shape[0]}, expected {layers_by_key[k].delta.shape[0]}")
+        if d.shape != layers[k].delta.shape:
+            raise ValueError(f"key {k}: δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
         with torch.no_grad():
-            layers_by_key[k].delta.copy_(d)
+            layers[k].delta.copy_(d)
     if merged:
         merge(model, keep_original=False)
 

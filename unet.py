@@ -384,3 +384,39 @@ def diffusers_to_original(key: str, cfg: UNetConfig) -> str:
             return f"middle_block.1.{rest}"
         return f"middle_block.{2 * int(j)}.{resnet(rest)}"
     raise ValueError(f"diffusers UNet key {key!r} cannot be mapped to the original layout")
+
+
+def original_to_diffusers(key: str, cfg: UNetConfig) -> str:
+    """The inverse rule (LoRA export names layers the diffusers way, as kohya and the UIs expect)."""
+    L, levels = cfg.num_res_blocks, len(cfg.channel_mult)
+    back = {v: k for k, v in RESBLOCK_RENAMES.items()}
+
+    def resnet(rest):
+        for old, new in back.items():
+            if rest.startswith(old + "."):
+                return new + rest[len(old):]
+        raise ValueError(f"UNet key {key!r} cannot be mapped to diffusers names")
+
+    for new, old in TOP_RENAMES.items():
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+    parts = key.split(".")
+    if parts[0] == "input_blocks":
+        n, layer, rest = int(parts[1]), parts[2], ".".join(parts[3:])
+        i, j = (n - 1) // (L + 1), (n - 1) % (L + 1)
+        if j == L:  # the Downsample closing level i
+            return f"down_blocks.{i}.downsamplers.0.conv.{rest.removeprefix('op.')}"
+        return f"down_blocks.{i}.resnets.{j}.{resnet(rest)}" if layer == "0" else f"down_blocks.{i}.attentions.{j}.{rest}"
+    if parts[0] == "middle_block":
+        rest = ".".join(parts[2:])
+        return "mid_block.attentions.0." + rest if parts[1] == "1" else f"mid_block.resnets.{int(parts[1]) // 2}.{resnet(rest)}"
+    if parts[0] == "output_blocks":
+        n, layer, rest = int(parts[1]), int(parts[2]), ".".join(parts[3:])
+        i, j = n // (L + 1), n % (L + 1)
+        has_attn = (levels - 1 - i) in cfg.attention_levels
+        if layer == 0:
+            return f"up_blocks.{i}.resnets.{j}.{resnet(rest)}"
+        if layer == 1 and has_attn:
+            return f"up_blocks.{i}.attentions.{j}.{rest}"
+        return f"up_blocks.{i}.upsamplers.0.{rest}"
+    raise ValueError(f"UNet key {key!r} cannot be mapped to diffusers names")

@@ -1,0 +1,102 @@
+"""shifts.py: LoRA export is the exact rank-k truncation; merged export loads as an ordinary model; the CLI."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sd
+import shifts
+import svdiff
+import tiny
+
+ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def trained(tmp_path, bpe_vocab):
+    """A tiny SD2 model (fused q/k/v, linear proj_in) with random shifts saved to a file."""
+    path = tmp_path / "base.safetensors"
+    tiny.write_single_file(path, "sd2")
+    model = sd.load(path, vocab=bpe_vocab)
+    svdiff.add_spectral_shifts(model, progress=False)
+    g = torch.Generator().manual_seed(0)
+    for _, m in svdiff.shifts(model):
+        with torch.no_grad():
+            m.delta.copy_(torch.randn(m.delta.shape, generator=g) * (0.05 if m.kind == "norm" else m.sigma.mean()))
+    svdiff.save_shift_file(model, tmp_path / "shifts.safetensors")
+    return model, path, tmp_path / "shifts.safetensors"
+
+
+def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
+    model, _, _ = trained
+    k = 3
+    shifts.export_lora(model, tmp_path / "lora.safetensors", rank=k, dtype=torch.float32)
+    lora = load_file(str(tmp_path / "lora.safetensors"))
+    checked = 0
+    for component in ("unet", "text_encoder"):
+        for name, layer in getattr(model, component).named_modules():
+            if not isinstance(layer, svdiff.SpectralShift) or layer.kind in ("norm", "embedding"):
+                continue
+            # the rank-k truncation of ΔW, computed independently by an SVD of ΔW itself
+            dW = layer.delta_weight().detach().double().flatten(1)
+            U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+            best = (U[:, :k] * S[:k]) @ Vh[:k]
+            names = shifts.lora_names(model, component, name)
+            ups = [lora[n + ".lora_up.weight"].double().flatten(1) for n in names]
+            down = lora[names[0] + ".lora_down.weight"].double().flatten(1)
+            assert all(float(lora[n + ".alpha"]) == k for n in names)
+            ours = torch.cat(ups) @ down
+            assert (ours - best).abs().max() <= 1e-5 * max(1.0, best.abs().max().item()), name
+            checked += 1
+    assert checked > 20
+    assert any(n.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.") for n in lora)
+    assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_v_proj.") for n in lora)
+    assert lora["lora_unet_conv_in.lora_down.weight"].ndim == 4
+
+
+def test_merged_export_loads_as_an_ordinary_model_with_the_shifts_baked_in(trained, tmp_path, bpe_vocab):
+    model, base_path, _ = trained
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny.TEXT_WIDTH)
+    ids = torch.randint(0, 49408, (1, 77))
+    with torch.no_grad():
+        expected_unet, expected_text = model.unet(x, 5, ctx), model.text_encoder(ids)
+    shifts.export_merged(model, base_path, tmp_path / "merged.safetensors")
+    merged = sd.load(tmp_path / "merged.safetensors", vocab=bpe_vocab)
+    with torch.no_grad():
+        assert (merged.unet(x, 5, ctx) - expected_unet).abs().max() <= 1e-4
+        assert (merged.text_encoder(ids) - expected_text).abs().max() <= 1e-4
+    base = load_file(str(base_path))
+    out = load_file(str(tmp_path / "merged.safetensors"))
+    assert set(base) == set(out) and all(base[k].dtype == out[k].dtype for k in base)
+    assert torch.equal(base["cond_stage_model.model.text_projection"], out["cond_stage_model.model.text_projection"])
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "shifts.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def test_cli_info_combine_and_style_mixing(trained, tmp_path):
+    _, _, path = trained
+    r = cli("info", path)
+    assert r.returncode == 0 and "shifted weights" in r.stdout and "fingerprint" in r.stdout
+    r = cli("combine", f"{path}:0.5", f"{path}:0.25", "--out", tmp_path / "sum.safetensors")
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(path)), load_file(str(tmp_path / "sum.safetensors"))
+    assert all(torch.allclose(b[k], 0.75 * a[k]) for k in a)
+    r = cli("combine", path, f"{path}:-1", "--mix", "output_blocks.0-5", "--out", tmp_path / "mix.safetensors")
+    assert r.returncode == 0, r.stderr
+    mix = load_file(str(tmp_path / "mix.safetensors"))
+    up = "model.diffusion_model.output_blocks.1.0.in_layers.2.weight"
+    assert torch.equal(mix[up], -a[up])
+    assert torch.equal(mix["model.diffusion_model.out.2.weight"], a["model.diffusion_model.out.2.weight"])
+
+
+def test_cli_errors_are_one_line(trained, tmp_path):
+    _, base, path = trained
+    r = cli("info", tmp_path / "nope.safetensors")
+    assert r.returncode == 1 and "no such shift file" in r.stderr and "Traceback" not in r.stderr
+    r = cli("export-merged", path, "--model", tmp_path, "--out", tmp_path / "m.safetensors")
+    assert r.returncode == 1 and "folder" in r.stderr and not (tmp_path / "m.safetensors").exists()
