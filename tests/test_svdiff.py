@@ -244,3 +244,41 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior():
     loss, prior = svdiff.prior_preservation_loss(p, t, pp, pt, 0.5)
     assert torch.allclose(loss, ((p - t) ** 2).mean() + 0.5 * ((pp - pt) ** 2).mean())
     assert torch.allclose(prior, ((pp - pt) ** 2).mean())
+
+
+@pytest.mark.parametrize("W", [torch.randn(40, 90), torch.randn(90, 40),
+                               torch.randn(30, 30) @ torch.diag(torch.logspace(0, -12, 30)),  # ill-conditioned
+                               torch.zeros(5, 7)])
+def test_svd_is_exact_and_orthonormal_on_every_route(W):
+    U, S, V = svdiff.svd(W)
+    assert ((U * S) @ V.T - W.double()).norm() <= 1e-6 * max(W.norm().item(), 1e-30)
+    eye = torch.eye(V.shape[1], dtype=V.dtype)
+    assert (V.T @ V - eye).abs().max() <= 1e-6 and (U.T @ U - eye).abs().max() <= 1e-6
+    assert (S[:-1] >= S[1:]).all()
+
+
+def test_svd_cache_is_reused_for_the_same_base_and_ignored_for_another(tmp_path, bpe_vocab, capsys):
+    cache = tmp_path / "svd.safetensors"
+    model = tiny_model(tmp_path, bpe_vocab)
+    svdiff.add_spectral_shifts(model, subset="cross-attn", cache=cache, progress=False)
+    assert cache.is_file()
+    again = tiny_model(tmp_path, bpe_vocab)
+    assert svdiff.load_svd_cache(cache, again)  # same base weights: the factors are reused
+    svdiff.add_spectral_shifts(again, subset="cross-attn", cache=cache, progress=False)
+    for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(again)):
+        assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma)
+    with torch.no_grad():
+        next(p for n, p in again.unet.named_parameters() if not n.endswith("delta")).mul_(2)
+    assert svdiff.load_svd_cache(cache, again) == {}
+    assert "other base weights" in capsys.readouterr().err
+
+
+def test_shift_file_without_fingerprint_warns_and_applies(tmp_path, bpe_vocab):
+    from safetensors.torch import save_file
+    model = tiny_model(tmp_path, bpe_vocab)
+    svdiff.add_spectral_shifts(model, subset="cross-attn-kv", progress=False)
+    foreign = {k: torch.full_like(m.delta, 0.01) for k, m in svdiff.shifts(model)}
+    save_file(foreign, str(tmp_path / "foreign.safetensors"))
+    with pytest.warns(UserWarning, match="no base-model fingerprint"):
+        svdiff.load_shift_file(model, tmp_path / "foreign.safetensors")
+    assert all(torch.all(m.delta == 0.01) for _, m in svdiff.shifts(model))
