@@ -1,0 +1,170 @@
+"""train.py on a tiny model: it learns, writes the promised files, resumes, and refuses bad input clearly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddim
+import sd
+import svdiff
+import tiny
+import train
+import vae as vae_lib
+
+ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import BPE_VOCAB
+    if not BPE_VOCAB.is_file():
+        pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
+    root = tmp_path_factory.mktemp("train")
+    tiny.write_folder(root / "model", "sd1", BPE_VOCAB)
+    (root / "dog").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # three generated "photos": a red square on noise, different sizes and modes
+        a = (rng.random((72 + 8 * i, 96, 3)) * 60).astype("uint8")
+        a[20:50, 30:70] = [220, 40, 40]
+        im = Image.fromarray(a)
+        (im.convert("RGBA") if i == 1 else im.convert("P") if i == 2 else im).save(root / "dog" / f"{i}.png")
+    return root
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def common(setup, out, steps=30, *extra):
+    return ["--images", setup / "dog", "--token", "sks", "--model", setup / "model", "--resolution", "64",
+            "--steps", steps, "--no-prior", "--sample-every", 1000, "--sample-steps", 2, "--out", out, *extra]
+
+
+def instance_loss(setup, shifts=None):
+    """ε-MSE on the instance images at FIXED noise and timesteps, with or without the trained shifts."""
+    model = sd.load(setup / "model")
+    if shifts:
+        tensors, _ = svdiff.read_shift_file(shifts)
+        svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
+        svdiff.load_shift_file(model, shifts)
+    images, _ = train.load_image_folder(setup / "dog", 64)
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        z = model.vae.encode(torch.stack(images))[0].repeat(4, 1, 1, 1) * vae_lib.SCALE
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (len(z),), generator=g)
+        ctx = sd.encode_prompts(model, ["a photo of sks dog"] * len(z))
+        pred = model.unet(ddim.add_noise(z, noise, t, ddim.alphas_cumprod()), t, ctx)
+    return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+def test_training_lowers_the_instance_loss_and_writes_the_promised_files(setup):
+    out = setup / "run"
+    r = run(*common(setup, out, 30, "--lr", "5e-3", "--save-every", 10, "--sample-every", 15))
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = instance_loss(setup), instance_loss(setup, out / "shifts.safetensors")
+    assert after < 0.9 * before, (before, after)
+
+    tensors, meta = svdiff.read_shift_file(out / "shifts.safetensors")
+    model = sd.load(setup / "model")
+    expected = {sd.checkpoint_key(c, n + ".weight", "sd1"): svdiff.shift_length(m)
+                for c, n, m in svdiff.shiftable_modules(model, "all")}
+    assert {k: v.shape[0] for k, v in tensors.items()} == expected
+    assert meta["fingerprint"] == svdiff.fingerprint(model)
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in log] == list(range(1, 31))
+    assert set(log[0]) >= {"step", "loss", "prior_loss", "lr", "seconds"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 30 and config["class_word"] == ["dog"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_00015.png", "step_00030.png"]
+    state = torch.load(out / "resume.pt", weights_only=True)
+    assert state["step"] == 30
+
+
+def test_prior_preservation_generates_and_reuses_class_images(setup):
+    out = setup / "prior"
+    args = ["--images", setup / "dog", "--token", "sks", "--model", setup / "model", "--resolution", "64",
+            "--steps", 2, "--num-class-images", 2, "--class-steps", 2, "--sample-every", 1000, "--sample-steps", 1,
+            "--out", out]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((out / "class_images" / "dog").glob("*.png"))) == 2
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert all(l["prior_loss"] > 0 for l in log)
+    r = run(*args, "--overwrite")
+    assert r.returncode == 0 and "generating" not in r.stdout  # cached class images are reused
+
+
+def test_killed_run_resumes_to_the_same_final_step_and_log(setup):
+    out = setup / "resumed"
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                          *map(str, common(setup, out, 40, "--save-every", 10))], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if (out / "resume.pt").is_file() and torch.load(out / "resume.pt", weights_only=True)["step"] >= 10:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    saved = torch.load(out / "resume.pt", weights_only=True)["step"]
+    assert 10 <= saved < 40, saved
+    assert run(*common(setup, out, 40)).returncode == 1  # an existing run is not overwritten silently
+    r = run(*common(setup, out, 40, "--save-every", 10, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in log] == list(range(1, 41))
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 40
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing folder", "no such folder"),
+    ("empty folder", "no usable images"),
+    ("no model", "SVDIFF_MODEL"),
+    ("resolution", "multiple of 8"),
+    ("nan", "at step 2"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, words):
+    out = tmp_path / "out"
+    args = common(setup, out, 3)
+    env = {}
+    if case == "missing folder":
+        args[1] = tmp_path / "nope"
+    elif case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "broken.jpg").write_bytes(b"not an image")
+        args[1] = tmp_path / "empty"
+    elif case == "no model":
+        i = args.index("--model")
+        del args[i:i + 2]
+        env = {"SVDIFF_MODEL": ""}
+    elif case == "resolution":
+        args[args.index("--resolution") + 1] = "100"
+    elif case == "nan":
+        args += ["--lr", "1e30", "--save-every", "1"]  # step 1 saves, then δ explodes
+    r = run(*args, env=env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert words in r.stderr and "Traceback" not in r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1
+    if case != "nan":
+        assert not out.exists()
+    else:  # the last good shift file is kept
+        assert "stopped" in errors[0]
+        tensors, _ = svdiff.read_shift_file(out / "shifts.safetensors")
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_common_word_token_warns(setup, tmp_path):
+    args = common(setup, tmp_path / "out", 1)
+    args[args.index("--token") + 1] = "dog"
+    r = run(*args)
+    assert r.returncode == 0 and "common word" in r.stderr and "sks" in r.stderr
