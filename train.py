@@ -237,6 +237,8 @@ def main(argv=None):
 
     svdiff.add_spectral_shifts(model, subset=a.subset, rank=a.rank, cache=a.svd_cache)
     optimizer = torch.optim.AdamW(svdiff.param_groups(model, a.lr, a.lr_1d))
+    # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and a.dtype == "fp16")
     if a.grad_checkpointing:
         model.unet.grad_checkpointing = True
     alphas = ddim.alphas_cumprod().to(a.device)
@@ -311,8 +313,9 @@ def main(argv=None):
             raise ValueError(f"the loss became {loss.item()} at step {step + 1}; stopped. The last good shift file "
                              f"is kept in {out}; lower --lr or use --dtype fp32/bf16")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         seconds = time.time() - t0
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step + 1, "loss": loss.detach().item(), "prior_loss": float(prior_loss.detach()),
