@@ -63,6 +63,60 @@ def slerp(alpha, z, noise):
     return out.reshape(z.shape).to(z.dtype)
 
 
+def cutmix(left, right):
+    """Cut-Mix (§3.3): a collage whose left half is a half-width crop of `left` and right half one of `right`
+    (crops centred; tensors [..., H, W], W even). Applied to cached VAE latents: the VAE is local, so this is
+    the latent of the pixel collage up to the seam, without encoding every step."""
+    W = left.shape[-1]
+    q = W // 4  # centre half: columns W/4 .. 3W/4
+    return torch.cat([left[..., q:q + W // 2], right[..., q:q + W // 2]], dim=-1)
+
+
+def half_mask(h, w, side, device=None):
+    """[h*w] bool mask of one half ("left"/"right") of an h x w attention map, flattened row-major as the UNet's
+    tokens are."""
+    cols = torch.arange(w, device=device) < w // 2
+    cols = cols if side == "left" else ~cols
+    return cols.expand(h, w).reshape(-1)
+
+
+def attention_size(tokens, H, W):
+    """(h, w) of an attention layer with `tokens` queries, on a latent of H x W (each level halves both)."""
+    k = 0
+    while (H >> k) * (W >> k) > tokens:
+        k += 1
+    if (H >> k) * (W >> k) != tokens:
+        raise ValueError(f"{tokens} attention tokens do not fit a {H}x{W} latent")
+    return H >> k, W >> k
+
+
+def token_positions(tokenizer, prompt, word):
+    """Indices in the 77 context tokens of `word` inside `prompt` (all of its BPE pieces; BOS is index 0)."""
+    ids, piece = tokenizer.encode(prompt), tokenizer.encode(word)
+    for i in range(len(ids) - len(piece) + 1):
+        if ids[i:i + len(piece)] == piece:
+            return [1 + i + j for j in range(len(piece))]
+    raise ValueError(f"{word!r} does not occur in the prompt {prompt!r}")
+
+
+def unmix_loss(probs, subjects, H, W):
+    """Cut-Mix-Unmix's separation loss (our reading of §3.3; the formula is in the unavailable appendix): for each
+    subject, the mean of its tokens' squared cross-attention probabilities over the OTHER subject's half (an MSE
+    against 0), averaged over heads, layers (each map at its own resolution) and subjects.
+    probs: [(name, [B, heads, h*w, 77])]; subjects: per batch row, [(token positions, side), ...] or []."""
+    per_layer = []
+    for _, p in probs:
+        h, w = attention_size(p.shape[2], H, W)
+        terms = []
+        for b, row in enumerate(subjects):
+            for positions, side in row:
+                other = half_mask(h, w, "right" if side == "left" else "left", p.device)
+                terms.append(p[b][:, other][:, :, positions].float().square().mean())
+        if terms:
+            per_layer.append(torch.stack(terms).mean())
+    return torch.stack(per_layer).mean() if per_layer else torch.zeros(())
+
+
 def ddim_invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="epsilon", progress=True):
     """Eq. 6: z_T = DDIMInvert(z*, c; θ'), the image's latent run up the DDIM trajectory with the fine-tuned
     model (guidance 1, conditioned on the TARGET prompt). The loop is ddim.invert; this names it after the paper."""

@@ -27,6 +27,7 @@ import vae as vae_lib
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+UNMIX_WEIGHT = 1.0  # see README "Cut-Mix-Unmix": the tiny-model experiment that chose it
 
 
 def parse_args(argv=None):
@@ -41,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--instance-prompt", default="a photo of {token} {class}")
     p.add_argument("--class-prompt", default="a photo of a {class}")
     # prior preservation (DreamBooth; SVDiff Eq. 3 with λ = --prior-weight)
+    # Cut-Mix-Unmix (several subjects: --images/--token pairs)
+    p.add_argument("--cutmix-prob", type=float, default=0.6, help="chance that an example is a two-subject collage")
+    p.add_argument("--cutmix-prompt", default="a photo of a {left} on the left and a {right} on the right")
+    p.add_argument("--unmix-weight", type=float, default=UNMIX_WEIGHT,
+                   help="weight of the cross-attention separation loss on collages")
     p.add_argument("--prior-weight", type=float, default=1.0, help="λ of Eq. 3")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation (λ = 0)")
     p.add_argument("--num-class-images", type=int, default=200)
@@ -67,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--half", action="store_true", help="store the shift file in fp16 (half the size)")
     p.add_argument("--sample-every", type=int, default=100)
-    p.add_argument("--sample-prompt", default=None, help="prompt of the sample grids (default: instance prompt)")
+    p.add_argument("--sample-prompt", default=None, help="prompt of the sample grids (default: the instance prompt; "
+                   "with several subjects 'a {token1} {class1} sitting beside a {token2} {class2}')")
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the shift file and resume.pt in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --out")
@@ -143,6 +150,10 @@ def check_args(a):
         raise ValueError("give one --class-word per --images folder, or none (then the folder names are used)")
     if a.resolution % 8 or a.resolution < 8:
         raise ValueError(f"--resolution must be a positive multiple of 8, got {a.resolution}")
+    if not 0 <= a.cutmix_prob <= 1:
+        raise ValueError(f"--cutmix-prob must be between 0 and 1, got {a.cutmix_prob}")
+    if len(set(a.token)) != len(a.token):
+        raise ValueError("each subject needs its own --token")
     for name in ("steps", "batch_size", "save_every", "sample_every", "num_class_images", "class_steps"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -277,8 +288,10 @@ def main(argv=None):
                     out / "resume.pt")
 
     def write_samples(step):
-        prompt = a.sample_prompt or instance_prompts[0][0]
+        prompt = a.sample_prompt or (instance_prompts[0][0] if len(subjects) == 1 else
+                                     f"a {a.token[0]} {a.class_word[0]} sitting beside a {a.token[1]} {a.class_word[1]}")
         model.unet.eval(), model.text_encoder.eval()
+        model.unet.record_cross_attention(False)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda):  # the shifted layers, not merged
             images = sd.text_to_image(model, [prompt] * 4, steps=a.sample_steps, height=a.resolution,
                                       width=a.resolution, generator=torch.Generator("cpu").manual_seed(a.seed),
@@ -293,22 +306,45 @@ def main(argv=None):
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="train")
     for step in bar:
         t0 = time.time()
-        s = int(torch.randint(len(subjects), (1,), generator=gen))
-        z, idx = sample_latents(instance_latents[s], a.batch_size)
-        prompts = [instance_prompts[s][i] for i in idx.tolist()]
-        if a.prior_weight > 0:
-            zc, _ = sample_latents(class_latents[s], a.batch_size)
+        # One subject, or (Cut-Mix, with several subjects) a collage of two, left and right in random order
+        collage = len(subjects) >= 2 and float(torch.rand((), generator=gen)) < a.cutmix_prob
+        if collage:
+            left, right = torch.randperm(len(subjects), generator=gen)[:2].tolist()
+            z = svdiff.cutmix(sample_latents(instance_latents[left], a.batch_size)[0],
+                              sample_latents(instance_latents[right], a.batch_size)[0])
+            names = [f"{a.token[i]} {a.class_word[i]}" for i in (left, right)]
+            prompt = a.cutmix_prompt.format(left=names[0], right=names[1])
+            prompts = [prompt] * a.batch_size
+            positions = [(svdiff.token_positions(model.tokenizer, prompt, a.token[i]), side)
+                         for i, side in ((left, "left"), (right, "right"))]
+        else:
+            s = int(torch.randint(len(subjects), (1,), generator=gen))
+            z, idx = sample_latents(instance_latents[s], a.batch_size)
+            prompts = [instance_prompts[s][i] for i in idx.tolist()]
+        if a.prior_weight > 0:  # the class images, made the same way
+            if collage:
+                zc = svdiff.cutmix(sample_latents(class_latents[left], a.batch_size)[0],
+                                   sample_latents(class_latents[right], a.batch_size)[0])
+                prompts += [a.cutmix_prompt.format(left=a.class_word[left], right=a.class_word[right])] * a.batch_size
+            else:
+                zc = sample_latents(class_latents[s], a.batch_size)[0]
+                prompts += [class_prompts[s]] * a.batch_size
             z = torch.cat([z, zc])
-            prompts += [class_prompts[s]] * a.batch_size
         noise = torch.randn(z.shape, generator=gen).to(a.device)
         t = torch.randint(0, len(alphas), (len(z),), generator=gen).to(a.device)
         x_t = ddim.add_noise(z, noise, t, alphas)
         target = noise if model.prediction_type == "epsilon" else ddim.velocity(z, noise, t, alphas)
+        unmix = collage  # recorded on every collage, so that log.jsonl shows it even with --unmix-weight 0
+        model.unet.record_cross_attention(unmix)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda):
             context = sd.encode_prompts(model, prompts)
             pred = model.unet(x_t.to(context.dtype), t, context).float()
         n = a.batch_size
         loss, prior_loss = svdiff.prior_preservation_loss(pred[:n], target[:n], pred[n:], target[n:], a.prior_weight)
+        unmix_loss = None
+        if unmix:  # only the subjects' rows: class collages have no subject tokens
+            unmix_loss = svdiff.unmix_loss(model.unet.cross_attention_probs(), [positions] * n, *z.shape[-2:])
+            loss = loss + a.unmix_weight * unmix_loss
         if not torch.isfinite(loss):
             raise ValueError(f"the loss became {loss.item()} at step {step + 1}; stopped. The last good shift file "
                              f"is kept in {out}; lower --lr or use --dtype fp32/bf16")
@@ -319,6 +355,7 @@ def main(argv=None):
         seconds = time.time() - t0
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step + 1, "loss": loss.detach().item(), "prior_loss": float(prior_loss.detach()),
+                                "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
                                 "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}) + "\n")
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
