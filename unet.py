@@ -176,18 +176,24 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x, emb, context):
-        # nearest x2 in fp32: bf16 upsampling kernels are missing on some devices, and values are unchanged
-        return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
+    def forward(self, x, emb, context, size=None):
+        # nearest x2 in fp32: bf16 upsampling kernels are missing on some devices, and values are unchanged.
+        # `size`: the next skip's size, which is not 2x when a latent side is not a multiple of 8 (diffusers' rule)
+        up = F.interpolate(x.float(), size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(up.to(x.dtype))
 
 
 class TimestepEmbedSequential(nn.ModuleList):
     """A block of the original UNet: ResBlocks also take the time embedding, transformers the text context."""
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, size=None):
         for layer in self:
-            x = layer(x, emb, context) if isinstance(layer, (ResBlock, SpatialTransformer, Downsample, Upsample)) \
-                else layer(x)  # conv_in
+            if isinstance(layer, Upsample):
+                x = layer(x, emb, context, size)
+            elif isinstance(layer, (ResBlock, SpatialTransformer, Downsample)):
+                x = layer(x, emb, context)
+            else:  # conv_in
+                x = layer(x)
         return x
 
 
@@ -245,7 +251,8 @@ class UNet(nn.Module):
             skips.append(h)
         h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
 
     @staticmethod

@@ -50,6 +50,20 @@ def test_diffusers_layout_loads_by_the_rename_rule(name, t):
     assert err <= 1e-4, f"max abs diff {err:.2e}"
 
 
+@pytest.mark.parametrize("size", [(7, 9), (5, 6), (13, 13)])
+def test_latent_sides_that_are_not_multiples_of_8_match_diffusers(size):
+    """520 px images give 65-pixel latents: the way up must interpolate to each skip's size, as diffusers does."""
+    dcfg = CONFIGS["general"]
+    cfg = unet_lib.config_from_diffusers(dcfg)
+    oracle = tiny.randomize_(UNet2DConditionModel(**dcfg), 3)
+    ours = unet_lib.UNet(cfg).eval()
+    ours.load_state_dict({unet_lib.diffusers_to_original(k, cfg): v for k, v in oracle.state_dict().items()})
+    x, ctx = torch.randn(1, 4, *size), torch.randn(1, 77, tiny.TEXT_WIDTH)
+    with torch.no_grad():
+        err = (ours(x, 7, ctx) - oracle(x, 7, encoder_hidden_states=ctx).sample).abs().max().item()
+    assert err <= 1e-4, f"max abs diff {err:.2e}"
+
+
 def test_unknown_diffusers_key_is_an_error():
     with pytest.raises(ValueError, match="cannot be mapped"):
         unet_lib.diffusers_to_original("add_embedding.linear_1.weight", unet_lib.UNetConfig())
