@@ -73,21 +73,23 @@ def cutmix(left, right):
 
 
 def half_mask(h, w, side, device=None):
-    """[h*w] bool mask of one half ("left"/"right") of an h x w attention map, flattened row-major as the UNet's
-    tokens are."""
-    cols = torch.arange(w, device=device) < w // 2
-    cols = cols if side == "left" else ~cols
+    """[h*w] bool mask of the map positions that lie wholly in one half ("left"/"right") of an h x w attention
+    map, flattened row-major as the UNet's tokens are. With an odd width the middle column straddles the seam
+    and belongs to neither half."""
+    cols = torch.arange(w, device=device)
+    cols = cols < w // 2 if side == "left" else cols >= (w + 1) // 2
     return cols.expand(h, w).reshape(-1)
 
 
 def attention_size(tokens, H, W):
-    """(h, w) of an attention layer with `tokens` queries, on a latent of H x W (each level halves both)."""
-    k = 0
-    while (H >> k) * (W >> k) > tokens:
-        k += 1
-    if (H >> k) * (W >> k) != tokens:
+    """(h, w) of an attention layer with `tokens` queries, on a latent of H x W: each level's stride-2 conv
+    (padding 1) gives ceil(h / 2) x ceil(w / 2)."""
+    h, w = H, W
+    while h * w > tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != tokens:
         raise ValueError(f"{tokens} attention tokens do not fit a {H}x{W} latent")
-    return H >> k, W >> k
+    return h, w
 
 
 def token_positions(tokenizer, prompt, word):
@@ -95,6 +97,8 @@ def token_positions(tokenizer, prompt, word):
     ids, piece = tokenizer.encode(prompt), tokenizer.encode(word)
     for i in range(len(ids) - len(piece) + 1):
         if ids[i:i + len(piece)] == piece:
+            if 1 + i + len(piece) > 76:  # BOS + 75 tokens + EOS: the rest is cut
+                raise ValueError(f"{word!r} falls beyond CLIP's 77 tokens in the prompt {prompt!r}; shorten it")
             return [1 + i + j for j in range(len(piece))]
     raise ValueError(f"{word!r} does not occur in the prompt {prompt!r}")
 
