@@ -1,0 +1,261 @@
+"""edit.py: DDIM inversion maths, parity with diffusers' schedulers on a tiny UNet, and the command end to end."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddim
+import edit
+import sd
+import svdiff
+import tiny
+
+ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
+A = ddim.alphas_cumprod()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inversion maths (the fake models are exact, so what is measured is the loops themselves)
+
+
+@pytest.mark.parametrize("steps", [1, 10, 50, 200])
+def test_sampling_undoes_inversion_exactly_when_the_noise_estimate_ignores_the_latent(steps):
+    """Inversion step s -> t and sampling step t -> s both use ε(t): with an ε that does not depend on x they are
+    exact inverses, so this checks the timestep pairing and the ᾱ at both ends (ᾱ[0], not 1)."""
+    noise = torch.randn(1000, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = lambda x, t: noise[t]
+    z0 = torch.randn(1, 4, 8, 8)
+    z_T = svdiff.ddim_invert(model, z0, steps, A, progress=False)
+    assert (z_T - z0).abs().max() > 0.01  # it did move
+    assert (ddim.sample(model, z_T, steps, A, progress=False) - z0).abs().max() <= 1e-4
+
+
+def perfect_denoiser(z0, prediction_type):
+    """The exact model of a data set holding one point z0: ε(z, t) = (z - √ᾱ_t z0) / √(1-ᾱ_t) (or its v)."""
+    def model(z, t):
+        eps = (z - A[t].sqrt() * z0) / (1 - A[t]).sqrt()
+        return eps if prediction_type == "epsilon" else A[t].sqrt() * eps - (1 - A[t]).sqrt() * z0
+    return model
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inverting_a_perfect_denoiser_converges_to_its_exact_trajectory(prediction_type):
+    """The inverse step evaluates the model at the target level t on a latent still at the source level (DDIM
+    inversion's standard approximation, diffusers' too), so even a perfect model does not come back exactly: the
+    error is first order in the step size. The exact ODE path from z0 (at ᾱ[0]) is √ᾱ_t z0 + √(1-ᾱ_t) ε* with ε*
+    fixed by its start, and both the round trip and z_T approach it as the steps grow."""
+    z0 = torch.randn(1, 4, 8, 8)
+    model = perfect_denoiser(z0, prediction_type)
+    eps = (1 - A[0].sqrt()) / (1 - A[0]).sqrt() * z0
+    round_trip, to_exact = [], []
+    for steps in (10, 50, 200):
+        z_T = svdiff.ddim_invert(model, z0, steps, A, prediction_type, progress=False)
+        T = ddim.timesteps(steps)[0]
+        to_exact.append((z_T - (A[T].sqrt() * z0 + (1 - A[T]).sqrt() * eps)).abs().max().item())
+        back = ddim.sample(model, z_T, steps, A, prediction_type=prediction_type, progress=False)
+        round_trip.append((back - z0).abs().max().item())
+    for errors in (round_trip, to_exact):
+        assert errors[1] < errors[0] / 2 and errors[2] < errors[1] / 2, errors
+    assert round_trip[2] < 0.01 * z0.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with diffusers on a real tiny UNet
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])  # sd2: v-prediction
+def tiny_model(request, tmp_path_factory):
+    from conftest import BPE_VOCAB
+    if not BPE_VOCAB.is_file():
+        pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
+    folder = tmp_path_factory.mktemp(request.param) / "model"
+    return folder, tiny.write_folder(folder, request.param, BPE_VOCAB)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_inversion_and_sampling_equal_diffusers_schedulers(tiny_model, eta):
+    """edit.py's image -> z* -> z_T -> edited image equals diffusers' AutoencoderKL, DDIMInverseScheduler (built
+    from SD's scheduler config, as diffusers' SD pipelines build it) and StableDiffusionPipeline with DDIMScheduler
+    on the same tiny UNet. Each stage starts from the same input: a random UNet is no consistent denoiser, and its
+    inversion amplifies a 1e-8 difference in z* some 500-fold over 8 steps."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    folder, oracle = tiny_model
+    model = sd.load(folder)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompt, steps = "a photo of a cat wearing a hat", 8
+    a = SimpleNamespace(slerp=None, sample_steps=steps, guidance=3.0, eta=eta, resolution=64)
+
+    z = edit.encode_image(model, image)
+    z_T = edit.invert(model, z, prompt, steps, progress=False)
+    ours = edit.edit_image(model, z_T, prompt, 5, a, progress=False)
+
+    pipe = StableDiffusionPipeline(vae=oracle["vae"], text_encoder=oracle["text_encoder"], unet=oracle["unet"],
+                                   tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                                   scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref_z = pipe.vae.encode(image[None]).latent_dist.mean * pipe.vae.config.scaling_factor
+        context = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+        inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+        inverse.set_timesteps(steps)
+        ref_T = z.clone()
+        for t in inverse.timesteps:
+            ref_T = inverse.step(pipe.unet(ref_T, t, context).sample, t, ref_T).prev_sample
+        kw = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=3.0, eta=eta, height=64, width=64)
+        ref_latents = pipe(latents=z_T.clone(), generator=torch.Generator().manual_seed(5), output_type="latent",
+                           **kw).images
+        ref = pipe.image_processor.postprocess(pipe.vae.decode(ref_latents / pipe.vae.config.scaling_factor).sample,
+                                               output_type="pt")
+        # our sampled latents: sd.text_to_image's loop (it returns only the decoded image), stopped before decoding
+        context = torch.cat([sd.encode_prompts(model, [""]), sd.encode_prompts(model, [prompt])])
+        denoise = lambda x, t: ddim.guidance(*model.unet(torch.cat([x, x]), t, context).chunk(2), 3.0)
+        latents = ddim.sample(denoise, z_T, steps, A, eta, torch.Generator().manual_seed(5), model.prediction_type,
+                              progress=False)
+
+    assert (z - ref_z).abs().max() <= 1e-5
+    assert (z_T - ref_T).abs().max() <= 1e-5
+    assert (latents - ref_latents).abs().max() <= 1e-5
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import BPE_VOCAB
+    if not BPE_VOCAB.is_file():
+        pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
+    root = tmp_path_factory.mktemp("edit")
+    tiny.write_folder(root / "model", "sd1", BPE_VOCAB)
+    a = (np.random.default_rng(0).random((72, 96, 3)) * 60).astype("uint8")
+    a[20:50, 30:70] = [220, 40, 40]
+    Image.fromarray(a).save(root / "cat.png")
+    (root / "cat.txt").write_text("a caption that --prompt must win over")
+    return root
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "edit.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def common(setup, out, *extra):
+    return ["--image", setup / "cat.png", "--prompt", "a photo of a {cat}", "--edit", "a photo of a cat wearing a hat",
+            "--edit", "a dog", "--model", setup / "model", "--resolution", 64, "--steps", 2, "--sample-steps", 2,
+            "--out", out, *extra]
+
+
+EDITS = ["edit00_a-photo-of-a-cat-wearing-a-hat_seed0.png", "edit00_a-photo-of-a-cat-wearing-a-hat_seed3.png",
+         "edit01_a-dog_seed0.png", "edit01_a-dog_seed3.png"]
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    out = setup / "trained"
+    r = run(*common(setup, out, "--seed", 0, 3, "--eta", 0.5, "--svd-cache", setup / "svd.safetensors"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r
+
+
+def test_edit_fine_tunes_then_writes_shifts_one_image_per_edit_and_seed_and_a_comparison(trained, setup):
+    out, _ = trained
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        EDITS + ["comparison.png", "config.json", "edit_config.json", "log.jsonl", "resume.pt", "shifts.safetensors"])
+    assert all(Image.open(out / name).size == (64, 64) for name in EDITS)
+    rows, cols = 2, 3  # one row per seed: the input, then the two edits, each with its prompt under it
+    w, h = Image.open(out / "comparison.png").size
+    assert w == cols * 64 and h > rows * 64
+    # fine-tuned on the literal prompt (not the .txt caption), no prior, text encoder included
+    config = json.loads((out / "config.json").read_text())
+    assert config["prior_weight"] == 0 and config["subset"] == "all" and config["no_captions"]
+    assert config["instance_prompt"].format() == "a photo of a {cat}" and config["steps"] == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    tensors, _ = svdiff.read_shift_file(out / "shifts.safetensors")
+    assert any(k.startswith("cond_stage_model.") for k in tensors) and any(t.abs().max() > 0 for t in tensors.values())
+    edit_config = json.loads((out / "edit_config.json").read_text())
+    assert edit_config["inversion_steps"] == 2 and edit_config["seed"] == [0, 3]
+    # η > 0: the seeds give different images
+    assert np.asarray(Image.open(out / EDITS[0])).tolist() != np.asarray(Image.open(out / EDITS[1])).tolist()
+
+
+def test_rerun_with_shifts_skips_fine_tuning_and_gives_the_same_edits(trained, setup):
+    first, _ = trained
+    out = setup / "reused"
+    r = run(*common(setup, out, "--seed", 0, 3, "--eta", 0.5, "--shifts", first / "shifts.safetensors",
+                    "--svd-cache", setup / "svd.safetensors"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "train:" not in r.stderr  # no training bar (and, below, no log.jsonl)
+    assert sorted(p.name for p in out.iterdir()) == sorted(EDITS + ["comparison.png", "edit_config.json",
+                                                                    "shifts.safetensors"])
+    assert (out / "shifts.safetensors").read_bytes() == (first / "shifts.safetensors").read_bytes()
+    for name in EDITS:  # the trained model merged in memory == the base model with the saved shifts merged
+        diff = np.abs(np.asarray(Image.open(out / name), dtype=int) - np.asarray(Image.open(first / name), dtype=int))
+        assert diff.max() <= 1, name
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing image", "no such folder or image file"),
+    ("unreadable image", "cannot be read as an image"),
+    ("empty prompt", "--prompt is empty"),
+    ("empty edit", "--edit prompt is empty"),
+    ("no edit", "no --edit"),
+    ("no model", "SVDIFF_MODEL"),
+    ("resolution", "multiple of 8"),
+    ("unwritable out", "not writable"),
+    ("existing out", "--overwrite"),
+    ("slerp", "--slerp must be between 0"),
+    ("slerp without inversion", "choose one"),
+    ("missing shifts", "--shifts"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, words):
+    out = tmp_path / "out"
+    args = common(setup, out)
+    env = {}
+    if case == "missing image":
+        args[1] = tmp_path / "nope.jpg"
+    elif case == "unreadable image":
+        (tmp_path / "broken.jpg").write_bytes(b"not an image")
+        args[1] = tmp_path / "broken.jpg"
+    elif case == "empty prompt":
+        args[3] = " "
+    elif case == "empty edit":
+        args[5] = ""
+    elif case == "no edit":
+        del args[4:8]
+    elif case == "no model":
+        i = args.index("--model")
+        del args[i:i + 2]
+        env = {"SVDIFF_MODEL": ""}
+    elif case == "resolution":
+        args[args.index("--resolution") + 1] = "100"
+    elif case == "unwritable out":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+        args[args.index("--out") + 1] = out
+    elif case == "existing out":
+        out.mkdir()
+        (out / "keep.png").write_text("earlier")
+    elif case == "slerp":
+        args += ["--slerp", "1.5"]
+    elif case == "slerp without inversion":
+        args += ["--slerp", "0.5", "--no-inversion"]
+    elif case == "missing shifts":
+        args += ["--shifts", tmp_path / "nope.safetensors"]
+    r = run(*args, env=env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert words in r.stderr and "Traceback" not in r.stderr
+    assert len([l for l in r.stderr.splitlines() if l.startswith("error:")]) == 1
+    if case == "existing out":
+        assert [p.name for p in out.iterdir()] == ["keep.png"]
+    else:
+        assert not out.exists()
