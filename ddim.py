@@ -20,7 +20,10 @@ def timesteps(num_steps: int, spacing: str = "leading", steps_offset: int = 1, n
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"the number of steps must be between 1 and {num_train_timesteps}, got {num_steps}")
     if spacing == "leading":
-        t = torch.arange(num_steps) * (num_train_timesteps // num_steps) + steps_offset
+        r = num_train_timesteps // num_steps
+        # the offset may not push the last step past the schedule: N = 1000 gives 0..999 (diffusers fails there)
+        offset = min(steps_offset, num_train_timesteps - 1 - (num_steps - 1) * r)
+        t = torch.arange(num_steps) * r + offset
     elif spacing == "trailing":
         t = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).long() - 1
         return t
@@ -103,12 +106,24 @@ def sample(denoise, latents, num_steps, alphas_cumprod, eta=0.0, generator=None,
     return x
 
 
-def invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="epsilon", progress=True):
-    """DDIM inversion: clean latents -> x_T along the ascending timesteps, the model evaluated at the target
-    level t (the standard approximation), as diffusers' DDIMInverseScheduler loop."""
+def invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="epsilon", progress=True,
+           model_at="source"):
+    """DDIM inversion: clean latents -> x_T along the ascending timesteps, each step the DDIM step run backwards.
+
+    model_at="source" (default): the model is evaluated where the latent is, at the step's source level (the
+    first at t = 0, the level ᾱ_0 that sampling ends on): DDIM's ODE integrated backwards with the same Euler
+    rule (Song et al. 2021 §4.3; Dhariwal & Nichol 2021 App. F), so a model that is consistent along its
+    trajectories, e.g. the exact model of a single data point, comes back exactly.
+    model_at="target": at the step's target level t while the latent is still at the source level, one step
+    ahead, as diffusers' inversion pipelines (Pix2PixZero, DiffEdit) and null-text inversion drive
+    DDIMInverseScheduler."""
+    if model_at not in ("source", "target"):
+        raise ValueError(f"model_at must be source or target, got {model_at!r}")
     step = 1000 // num_steps
     alphas_cumprod = alphas_cumprod.to(latents.device)
     x = latents
     for t in tqdm(timesteps(num_steps).flip(0).tolist(), desc="inverting", disable=not progress):
-        x = ddim_inverse_step(denoise(x, t), x, t, t - step, alphas_cumprod, prediction_type).to(latents.dtype)
+        t_src = t - step
+        out = denoise(x, max(t_src, 0) if model_at == "source" else t)
+        x = ddim_inverse_step(out, x, t, t_src, alphas_cumprod, prediction_type).to(latents.dtype)
     return x

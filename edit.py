@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the sampling (> 0: more change; authors 0.1-0.5)")
     p.add_argument("--slerp", type=float, default=None, metavar="ALPHA",
                    help="Eq. 7: start from slerp(ALPHA, z_T, noise of the seed), ALPHA in [0, 1] (authors 0.5)")
+    p.add_argument("--inversion-model-at", choices=["source", "target"], default="source",
+                   help="where each inversion step evaluates the UNet: at the latent's own level (exact reverse of "
+                        "DDIM sampling) or one step ahead, as diffusers' inversion pipelines do")
     p.add_argument("--no-inversion", action="store_true", help="start from noise, not the inverted image")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="one image per edit and seed (the first also seeds fine-tuning); seeds matter only with "
@@ -82,9 +85,8 @@ def check_args(a):
         raise ValueError("an --edit prompt is empty: each --edit is a target prompt, e.g. 'a photo of a cat "
                          "wearing a hat'")
     for name in ("sample_steps", "inversion_steps"):
-        # ddim's "leading" timesteps are 1 + k·(1000 // N): N = 1000 would ask for t = 1000, past the schedule
-        if not 1 <= getattr(a, name) <= 999:
-            raise ValueError(f"--{name.replace('_', '-')} must be between 1 and 999, got {getattr(a, name)}")
+        if not 1 <= getattr(a, name) <= 1000:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 1 and 1000, got {getattr(a, name)}")
     if a.slerp is not None and not 0 <= a.slerp <= 1:
         raise ValueError(f"--slerp must be between 0 (the inverted latent) and 1 (pure noise), got {a.slerp}")
     if a.slerp is not None and a.no_inversion:
@@ -144,13 +146,14 @@ def encode_image(model, image):
 
 
 @torch.no_grad()
-def invert(model, z, prompt, steps, progress=True):
+def invert(model, z, prompt, steps, model_at="source", progress=True):
     """Eq. 6: z_T = DDIMInvert(z*, c; θ′), guidance 1, conditioned on the TARGET prompt c. The steps add up in
     fp32 even when the UNet runs in half precision (the rounding would add up over the steps too)."""
     context = sd.encode_prompts(model, [prompt])
     dtype = next(model.unet.parameters()).dtype
     unet = lambda x, t: model.unet(x.to(dtype), t, context).float()
-    return svdiff.ddim_invert(unet, z.float(), steps, ddim.alphas_cumprod(), model.prediction_type, progress)
+    return svdiff.ddim_invert(unet, z.float(), steps, ddim.alphas_cumprod(), model.prediction_type, progress,
+                              model_at)
 
 
 def edit_image(model, z_T, prompt, seed, a, progress=True):
@@ -240,7 +243,7 @@ def main(argv=None):
     inputs = sd.to_pil(((image + 1) / 2).clamp(0, 1)[None])[0]  # the cropped image that was inverted
     rows = [[(inputs, f"input: {a.prompt}")] for _ in a.seed]
     for i, prompt in enumerate(a.edit):
-        z_T = None if a.no_inversion else invert(model, z, prompt, a.inversion_steps)
+        z_T = None if a.no_inversion else invert(model, z, prompt, a.inversion_steps, a.inversion_model_at)
         for row, seed in zip(rows, a.seed):
             im = sd.to_pil(edit_image(model, z_T, prompt, seed, a))[0]
             svdiff.atomic_write(lambda p: im.save(p, format="PNG"), out / output_name(i, prompt, seed))

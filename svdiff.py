@@ -9,7 +9,8 @@ so that δ = 0 gives W exactly (the authors add the SVD residual back for the sa
 full-length additive shift γ + δ, as in the official code. Biases stay frozen.
 
 Paper equation -> function: Eq. 2 `spectral_shift`, `SpectralShift.delta_weight`; Eq. 3
-`prior_preservation_loss`; Eq. 4-5 `combine`; Eq. 6 `ddim_invert`; Eq. 7 `slerp`; Cut-Mix-Unmix: see train.py.
+`prior_preservation_loss`; Eq. 4-5 `combine`; Eq. 6 `ddim_invert`; Eq. 7 `slerp`; Cut-Mix-Unmix
+(§3.3) `cutmix`, `half_mask`, `token_positions`, `unmix_loss`.
 """
 import hashlib
 import os
@@ -121,11 +122,13 @@ def unmix_loss(probs, subjects, H, W):
     return torch.stack(per_layer).mean() if per_layer else torch.zeros(())
 
 
-def ddim_invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="epsilon", progress=True):
+def ddim_invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="epsilon", progress=True,
+                model_at="source"):
     """Eq. 6: z_T = DDIMInvert(z*, c; θ'), the image's latent run up the DDIM trajectory with the fine-tuned
-    model (guidance 1, conditioned on the TARGET prompt). The loop is ddim.invert; this names it after the paper."""
+    model (guidance 1, conditioned on the TARGET prompt). The loop is ddim.invert (model_at: where each step
+    evaluates the model, see there); this names it after the paper."""
     import ddim
-    return ddim.invert(denoise, latents, num_steps, alphas_cumprod, prediction_type, progress)
+    return ddim.invert(denoise, latents, num_steps, alphas_cumprod, prediction_type, progress, model_at)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,13 @@ def test_timesteps_equal_diffusers(n, spacing):
     assert ddim.timesteps(n, spacing).tolist() == s.timesteps.tolist()
 
 
+def test_a_thousand_steps_visit_every_timestep_once():
+    """diffusers' leading spacing with offset 1 would ask for t = 1000, past the schedule, and fail."""
+    assert ddim.timesteps(1000).tolist() == list(range(999, -1, -1))
+    x = torch.randn(1, 4, 2, 2)
+    assert torch.isfinite(ddim.sample(toy_denoiser, x, 1000, A, progress=False)).all()
+
+
 @pytest.mark.parametrize("bad", [0, 1001])
 def test_step_count_out_of_range_is_an_error(bad):
     with pytest.raises(ValueError, match="between 1 and 1000"):
@@ -81,6 +88,10 @@ def test_inversion_loop_equals_diffusers():
     ref = x.clone()
     for t in s.timesteps:
         ref = s.step(toy_denoiser(ref, int(t)), t, ref).prev_sample
+    assert (ddim.invert(toy_denoiser, x, 25, A, progress=False, model_at="target") - ref).abs().max() <= 1e-6
+    ref = x.clone()  # the same scheduler steps, the model evaluated at each step's source level
+    for t in s.timesteps:
+        ref = s.step(toy_denoiser(ref, max(int(t) - 40, 0)), t, ref).prev_sample
     assert (ddim.invert(toy_denoiser, x, 25, A, progress=False) - ref).abs().max() <= 1e-6
 
 
