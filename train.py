@@ -32,7 +32,6 @@ from sample import check_writable, grid
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-UNMIX_WEIGHT = 1.0  # see README "Cut-Mix-Unmix": the tiny-model experiment that chose it
 
 
 def parse_args(argv=None):
@@ -51,12 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--class-prompt", default="a photo of a {class}")
     p.add_argument("--no-captions", action="store_true",
                    help="ignore .txt captions beside the images: every image gets --instance-prompt")
-    # prior preservation (DreamBooth; SVDiff Eq. 3 with λ = --prior-weight)
-    # Cut-Mix-Unmix (several subjects: --images/--token pairs)
+    # Cut-Mix-Unmix (several subjects: --images/--token pairs; 0.6 is the paper's probability)
     p.add_argument("--cutmix-prob", type=float, default=0.6, help="chance that an example is a two-subject collage")
     p.add_argument("--cutmix-prompt", default="a photo of a {left} on the left and a {right} on the right")
-    p.add_argument("--unmix-weight", type=float, default=UNMIX_WEIGHT,
+    # squared attention probabilities are ~1e-4: 1000 is the largest weight that cost the diffusion loss nothing
+    # measurable in our tiny-model experiment (README, "Why --unmix-weight 1000")
+    p.add_argument("--unmix-weight", type=float, default=1000.0,
                    help="weight of the cross-attention separation loss on collages")
+    # prior preservation (DreamBooth; SVDiff Eq. 3 with λ = --prior-weight)
     p.add_argument("--prior-weight", type=float, default=1.0, help="λ of Eq. 3")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation (λ = 0)")
     p.add_argument("--num-class-images", type=int, default=200)
@@ -99,6 +100,7 @@ def load_image(path: Path, resolution: int):
     """One training image as a [3, R, R] tensor in [-1, 1]: EXIF orientation applied, any mode converted to RGB,
     shorter side resized to R (upscaling small images), centre crop. Returns (tensor, warning or None)."""
     from PIL import Image, ImageOps
+    Image.MAX_IMAGE_PIXELS = None  # the user's own photos, not uploads: a 200 MP camera file is no decompression bomb
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits before RGB

@@ -1,6 +1,7 @@
 """train.py on a tiny model: it learns, writes the promised files, resumes, and refuses bad input clearly."""
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -197,3 +198,25 @@ def test_images_of_every_kind_become_rgb_squares(tmp_path, capsys):
     rotated, _ = train.load_image(tmp_path / "rotated.jpg", 64)
     assert (rotated - train.load_image(tmp_path / "turned.png", 64)[0]).abs().mean() < 0.05
     assert (rotated - train.load_image(tmp_path / "unturned.png", 64)[0]).abs().mean() > 0.1
+
+
+def test_huge_photos_are_not_taken_for_decompression_bombs(tmp_path, monkeypatch):
+    """PIL refuses images over 2 x MAX_IMAGE_PIXELS (179 MP by default; phones take 200 MP): shrink the limit so
+    that a small image stands for a huge one."""
+    from PIL import Image as PILImage
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    Image.fromarray(np.zeros((100, 300, 3), "uint8")).save(tmp_path / "huge.png")
+    x, warning = train.load_image(tmp_path / "huge.png", 64)
+    assert x.shape == (3, 64, 64) and warning is None
+
+
+def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(setup, tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(sd, "load", out_of_memory)  # train.py's `import sd` finds this module
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, common(setup, tmp_path / "out", 3))])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "out of GPU memory" in err and "--grad-checkpointing" in err
