@@ -115,17 +115,6 @@ def train_args(a):
     return train.parse_args(argv)
 
 
-def load_with_shifts(t, path, force=False):
-    """The base model with an earlier run's shifts, as `sample.py --shifts` applies them, but with the SVD taken
-    from --svd-cache when there is one (the SVD of every weight is most of the start-up time)."""
-    model = sd.load(t.model, device=t.device, dtype=train.weight_dtype(t), vocab=t.vocab)
-    tensors, meta = svdiff.read_shift_file(path)
-    svdiff.check_shift_file(model, path, tensors, meta, force)  # the right base model? before any SVD
-    svdiff.add_spectral_shifts(model, keys=set(tensors), cache=t.svd_cache)
-    svdiff.load_shift_file(model, path, force=force)
-    return model
-
-
 def merge_for_inference(model):
     """W_δ written into the weights once and the SVD factors dropped: the plain architecture with fine-tuned
     weights, which costs exactly what the base model costs in time and memory."""
@@ -226,15 +215,16 @@ def main(argv=None):
     image = loaded[0][0]
 
     if a.shifts:
-        model = load_with_shifts(t, a.shifts, a.force)
+        model = sd.load(t.model, device=t.device, dtype=train.weight_dtype(t), vocab=t.vocab)
+        svdiff.apply_shift_files(model, [a.shifts], force=a.force, cache=t.svd_cache)  # merged, U and V dropped
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "shifts.safetensors").exists() or not (out / "shifts.safetensors").samefile(a.shifts):
             svdiff.atomic_write(lambda p: shutil.copyfile(a.shifts, p), out / "shifts.safetensors")
     else:
         model = train.train(t, [loaded])  # writes shifts.safetensors (and config.json, log.jsonl, resume.pt) in --out
-    # Merged only now: after the last optimizer step, and after the shift file was saved with the base weights'
-    # fingerprint (merging changes those weights). Never unmerged, so no copy of W is kept.
-    merge_for_inference(model)
+        # Merged only now: after the last optimizer step, and after the shift file was saved with the base
+        # weights' fingerprint (merging changes those weights). Never unmerged, so no copy of W is kept.
+        merge_for_inference(model)
     for stale in list(out.glob("edit[0-9][0-9]_*.png")) + [out / "comparison.png"]:  # --overwrite
         stale.unlink(missing_ok=True)
     (out / "edit_config.json").write_text(json.dumps(vars(a), indent=2))

@@ -39,6 +39,7 @@ def parse_args(argv=None):
                    help="override the model's (from scheduler_config.json, else epsilon)")
     p.add_argument("--shifts", nargs="*", default=[], metavar="FILE[:SCALE]",
                    help="spectral-shift files to apply, each with an optional scale")
+    p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--out", required=True, help="output folder")
@@ -88,7 +89,7 @@ def main(argv=None):
     model = sd.load(a.model, device=a.device, dtype=dtype, prediction_type=a.prediction_type, vocab=a.vocab)
     if a.shifts:
         import svdiff
-        svdiff.apply_shift_files(model, a.shifts)
+        svdiff.apply_shift_files(model, a.shifts, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     # All initial latents first, from one generator, as diffusers draws them for num_images_per_prompt.
     latents = sd.initial_latents(model, a.num_images, a.height, a.width, generator)

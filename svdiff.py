@@ -577,16 +577,16 @@ def combine_files(specs, mix=None):
     return combined, first_meta
 
 
-def apply_shift_files(model, specs, force=False, merged=True, mix=None):
+def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=None):
     """sample.py --shifts A.safetensors[:s] B.safetensors[:s]: ReLU(σ + Σ sᵢδᵢ) (Eq. 4-5), merged once so that
-    sampling costs what the base model costs."""
+    sampling costs what the base model costs. `cache`: the SVD cache file of add_spectral_shifts."""
     combined, meta = combine_files(specs, mix)
     check_shift_file(model, specs[0], combined, meta, force)
     known = {_key(model, component, name) for component, name, _ in shiftable_modules(model)}
     for k in combined:
         if k not in known:
             raise ValueError(f"key {k} of the shift files is not a weight of this model")
-    add_spectral_shifts(model, keys=set(combined), progress=True)
+    add_spectral_shifts(model, keys=set(combined), cache=cache, progress=True)
     layers = dict(shifts(model))
     for k, d in combined.items():
         if d.shape != layers[k].delta.shape:
@@ -595,6 +595,7 @@ def apply_shift_files(model, specs, force=False, merged=True, mix=None):
             layers[k].delta.copy_(d)
     if merged:
         merge(model, keep_original=False)
+        remove_spectral_shifts(model)  # W_δ is in the weights now; U and V would hold as much memory as W again
 
 
 def _key(model, component, name):
