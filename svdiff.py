@@ -135,27 +135,44 @@ def ddim_invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="ep
 # SVD, once
 
 
+ORTHO_TOL = 1e-7  # |VᵀV - I| accepted from the Gram route: 10x under the 1e-6 the layer promises
+
+
 def svd(W: torch.Tensor):
-    """W [m, n] -> U [m, r], σ [r], V [n, r] with r = min(m, n), in float64 on W's device.
+    """W [m, n] -> U [m, r], σ [r], V [n, r] with r = min(m, n), in float64 on W's device. V comes as the
+    transpose of a contiguous Vᵀ [r, n]: that is the layout the layer uses (Vᵀ rows are the conv filters).
 
     Route: the eigen-decomposition of the small Gram matrix A·Aᵀ (A = W or Wᵀ, whichever has fewer rows) gives
-    U and σ², then V = Aᵀ·U / σ. On this repo's CPU that is 4-8x faster than LAPACK's SVD for SD's matrices
-    (1280x11520: 1.5 s vs 11.7 s) at the same ~1e-14 reconstruction error. Squaring W squares its condition
-    number, so V loses orthogonality for tiny σ: we check it and fall back to torch.linalg.svd when it exceeds
-    1e-9 (float64 throughout; cuSOLVER has no half-precision SVD and float32 would not meet the 1e-6 bound)."""
+    its eigenvectors Q and σ², and B = Qᵀ·A / σ the other factor: one symmetric GEMM, one r x r eigh and one
+    GEMM, 4-8x faster than LAPACK's SVD on SD's matrices at the same ~1e-14 reconstruction error. Squaring W
+    squares its condition number, so B's rows drift from orthonormal by about ε·σ₁²/(σᵢσⱼ): we measure that
+    drift where it can matter (rows with small σ; all of B·Bᵀ would cost as much as the SVD) and fall back to
+    torch.linalg.svd above ORTHO_TOL (float64 throughout: float32 would not meet the 1e-6 bound)."""
     with torch.no_grad():
         W = W.detach().double()
         wide = W.shape[0] <= W.shape[1]
-        A = W if wide else W.T
-        lam, Q = torch.linalg.eigh(A @ A.T)
+        A = W if wide else W.T                                   # [r, N]
+        lam, Q = torch.linalg.eigh(gram(A))
         lam, Q = lam.flip(0), Q.flip(1)  # descending, as the paper's σ
         s = lam.clamp_min(0).sqrt()
-        P = (A.T @ Q) / s
-        eye = torch.eye(P.shape[1], dtype=P.dtype, device=P.device)
-        if not torch.isfinite(P).all() or (P.T @ P - eye).abs().max() > 1e-9:
+        B = torch.mm(Q.T, A).div_(s[:, None])                    # [r, N], orthonormal rows
+        weak = s <= s[0] * (100 * torch.finfo(s.dtype).eps / ORTHO_TOL) ** 0.5  # drift estimate > ORTHO_TOL / 100
+        drift = (B[weak] @ B.T - torch.eye(len(s), dtype=B.dtype, device=B.device)[weak]).abs().max() \
+            if weak.any() else s.new_zeros(())
+        if not torch.isfinite(drift) or drift > ORTHO_TOL:
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             return U, S, Vh.T
-        return (Q, s, P) if wide else (P, s, Q)
+        return (Q, s, B.T) if wide else (B.T, s, Q)
+
+
+def gram(A: torch.Tensor) -> torch.Tensor:
+    """A·Aᵀ from its blocks on and above the diagonal (the one below is a transpose): 3/4 of the multiply-adds."""
+    h = A.shape[0] // 2
+    top, bottom = A[:h], A[h:]
+    G = A.new_empty(A.shape[0], A.shape[0])
+    G[:h, :h], G[:h, h:], G[h:, h:] = top @ top.T, top @ bottom.T, bottom @ bottom.T
+    G[h:, :h] = G[:h, h:].T
+    return G
 
 
 def matrix_of(module: nn.Module) -> torch.Tensor:
@@ -170,8 +187,9 @@ def matrix_of(module: nn.Module) -> torch.Tensor:
 class SpectralShift(nn.Module):
     """Wraps one Linear / Conv2d / Embedding / GroupNorm / LayerNorm of the frozen model and adds a trainable δ.
 
-    The wrapped module (`base`) keeps its weight W untouched. U, σ, V are non-persistent buffers: they are
-    derived data (from W, or the SVD cache), not checkpoint content."""
+    The wrapped module (`base`) keeps its weight W untouched. U, σ, Vᵀ are non-persistent buffers: they are
+    derived data (from W, or the SVD cache), not checkpoint content. Vᵀ [r, n] is kept rather than V: its rows
+    are the filters of the factored conv and the weight of the factored linear as they are, with no copy."""
 
     def __init__(self, base: nn.Module, rank: int | None = None, factors=None, mode: str = "auto"):
         super().__init__()
@@ -188,7 +206,7 @@ class SpectralShift(nn.Module):
         self.full_rank = k == S.shape[0]
         dtype = base.weight.dtype
         self.register_buffer("U", U[:, :k].to(dtype).contiguous(), persistent=False)
-        self.register_buffer("V", V[:, :k].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("Vh", V[:, :k].T.to(dtype).contiguous(), persistent=False)  # Vᵀ
         self.register_buffer("sigma", S[:k].float().contiguous(), persistent=False)
         self.delta = nn.Parameter(torch.zeros(k, device=base.weight.device))  # δ is always fp32
 
@@ -197,15 +215,20 @@ class SpectralShift(nn.Module):
         """ReLU(σ + δ) - σ: the change of each singular value (0 where δ = 0, so W stays bit-exact)."""
         return spectral_shift(self.sigma, self.delta) - self.sigma
 
+    @property
+    def V(self):
+        """V [n, r], the paper's right singular vectors (a view of the stored Vᵀ)."""
+        return self.Vh.T
+
     def delta_weight(self):
         """ΔW = U diag(ReLU(σ + δ) - σ) Vᵀ, shaped like the module's weight; W_δ = W + ΔW."""
-        dW = (self.U * self.delta_sigma().to(self.U.dtype)) @ self.V.T
+        dW = (self.U * self.delta_sigma().to(self.U.dtype)) @ self.Vh
         return dW.reshape(self.base.weight.shape)
 
     def naive_weight(self):
         """W_δ = U diag(ReLU(σ + δ)) Vᵀ rebuilt from the factors, as the public implementation does every forward
         (full rank only; equal to W + ΔW up to the SVD's rounding)."""
-        W = (self.U * spectral_shift(self.sigma, self.delta).to(self.U.dtype)) @ self.V.T
+        W = (self.U * spectral_shift(self.sigma, self.delta).to(self.U.dtype)) @ self.Vh
         return W.reshape(self.base.weight.shape)
 
     # -- forward ----------------------------------------------------------------------------------------------
@@ -217,7 +240,7 @@ class SpectralShift(nn.Module):
         if self.kind == "embedding":
             # W_δ[ids] = W[ids] + (U[ids] ⊙ (ReLU(σ+δ) - σ)) Vᵀ: a gather, never the whole table
             return F.embedding(x, self.base.weight) + \
-                (self.U[x] * self.delta_sigma().to(self.U.dtype)) @ self.V.T
+                (self.U[x] * self.delta_sigma().to(self.U.dtype)) @ self.Vh
         mode = self.mode if self.mode != "auto" else self.cheapest(x)
         if mode == "naive":
             return self._apply(x, self.naive_weight())
@@ -256,14 +279,13 @@ class SpectralShift(nn.Module):
         frozen layer runs as is and only the shifted part is added: y = W x + ((x·V_k) ⊙ (ReLU(σ+δ) - σ))·U_kᵀ."""
         scale = (spectral_shift(self.sigma, self.delta) if self.full_rank else self.delta_sigma()).to(self.U.dtype)
         b = self.base
+        bias = b.bias if self.full_rank else None
         if self.kind == "linear":
-            y = ((x @ self.V) * scale) @ self.U.T
-            return y + (b.bias if self.full_rank and b.bias is not None else 0) + (0 if self.full_rank else b(x))
-        r = self.V.shape[1]
-        filters = self.V.T.reshape(r, *b.weight.shape[1:])  # r filters over the c_in x kh x kw patch
-        h = F.conv2d(x, filters, None, b.stride, b.padding, b.dilation)
-        h = h * scale[:, None, None]
-        y = F.conv2d(h, self.U[:, :, None, None], b.bias if self.full_rank else None)  # U as a 1x1 conv
+            y = F.linear(F.linear(x, self.Vh) * scale, self.U, bias)
+        else:
+            filters = self.Vh.view(-1, *b.weight.shape[1:])  # r filters over the c_in x kh x kw patch
+            h = F.conv2d(x, filters, None, b.stride, b.padding, b.dilation)
+            y = F.conv2d(h * scale[:, None, None], self.U[:, :, None, None], bias)  # U as a 1x1 conv
         return y if self.full_rank else y + b(x)
 
     def _norm(self, x, gamma):
@@ -388,7 +410,9 @@ def add_spectral_shifts(model, subset="all", rank=None, mode="auto", cache=None,
         if not isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
             factors = cached.get(key)
             if factors is None:
-                factors = computed[key] = svd(matrix_of(m))
+                factors = svd(matrix_of(m))
+                if cache:  # kept for the file in float32 on the CPU (a float32 CPU layer shares these tensors)
+                    factors = computed[key] = tuple(f.float().cpu() for f in factors)
             factors = tuple(f.to(m.weight.device) for f in factors)
         _set_child(root, name, SpectralShift(m, rank, factors, mode))
     if cache and computed:
@@ -443,10 +467,18 @@ def fingerprint(model) -> str:
         for name, p in (root.named_parameters() if root is not None else []):
             if name.endswith("delta"):
                 continue
-            s = p.detach().flatten()[:: max(1, p.numel() // 4096)].double()
-            std = s.std().item() if s.numel() > 1 else 0.0
-            h.update(f"{component}.{name.replace('base.', '')}{tuple(p.shape)}{s.mean().item():.3g}{std:.3g}".encode())
+            h.update(f"{component}.{name.replace('base.', '')}{weight_summary(p)}".encode())
     return h.hexdigest()[:16]
+
+
+def weight_summary(p: torch.Tensor) -> str:
+    """The fingerprint's view of one tensor: shape, rounded mean and std of a strided sample."""
+    s = p.detach().flatten()[:: max(1, p.numel() // 4096)].double()
+    std = s.std().item() if s.numel() > 1 else 0.0
+    return f"{tuple(p.shape)}{s.mean().item():.3g}{std:.3g}"
+
+
+SVD_CACHE_LAYOUT = "U,S,Vh"  # a cache of another layout (older: V [n, r]) is recomputed
 
 
 def load_svd_cache(path, model) -> dict:
@@ -455,21 +487,24 @@ def load_svd_cache(path, model) -> dict:
         return {}
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        if (f.metadata() or {}).get("fingerprint") != fingerprint(model):
-            print(f"note: SVD cache {path} is for other base weights; recomputing", file=sys.stderr)
+        meta = f.metadata() or {}
+        if meta.get("fingerprint") != fingerprint(model) or meta.get("layout") != SVD_CACHE_LAYOUT:
+            print(f"note: SVD cache {path} is for other base weights (or an older layout); recomputing",
+                  file=sys.stderr)
             return {}
         names = {k.rsplit(".", 1)[0] for k in f.keys()}
-        return {n: (f.get_tensor(n + ".U"), f.get_tensor(n + ".S"), f.get_tensor(n + ".V")) for n in names}
+        return {n: (f.get_tensor(n + ".U"), f.get_tensor(n + ".S"), f.get_tensor(n + ".Vh").T) for n in names}
 
 
 def save_svd_cache(path, model, factors: dict):
     from safetensors.torch import save_file
     flat = {}
     for n, (U, S, V) in factors.items():
-        # float32 halves the file; the layer casts U, V to the weight dtype and keeps σ in float32 anyway
+        # float32 halves the file; the layer casts U, Vᵀ to the weight dtype and keeps σ in float32 anyway
         flat |= {n + ".U": U.float().contiguous().cpu(), n + ".S": S.float().contiguous().cpu(),
-                 n + ".V": V.float().contiguous().cpu()}
-    atomic_write(lambda p: save_file(flat, str(p), metadata={"fingerprint": fingerprint(model)}), Path(path))
+                 n + ".Vh": V.T.float().contiguous().cpu()}
+    meta = {"fingerprint": fingerprint(model), "layout": SVD_CACHE_LAYOUT}
+    atomic_write(lambda p: save_file(flat, str(p), metadata=meta), Path(path))
 
 
 def atomic_write(write, path: Path):
