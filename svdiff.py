@@ -244,8 +244,8 @@ class SpectralShift(nn.Module):
         mode = self.mode if self.mode != "auto" else self.cheapest(x)
         if mode == "naive":
             return self._apply(x, self.naive_weight())
-        if mode == "dense":
-            return self._apply(x, self.base.weight + self.delta_weight())
+        if mode == "dense":  # (with W dropped for training, W_δ comes from the factors)
+            return self._apply(x, self.naive_weight() if self.dropped else self.base.weight + self.delta_weight())
         return self._factored(x)
 
     def cheapest(self, x) -> str:
@@ -294,11 +294,35 @@ class SpectralShift(nn.Module):
             return F.group_norm(x.float(), b.num_groups, gamma.float(), b.bias.float(), b.eps).to(x.dtype)
         return F.layer_norm(x, b.normalized_shape, gamma.to(x.dtype), b.bias, b.eps)
 
+    # -- training memory --------------------------------------------------------------------------------------
+    def factored_always(self) -> bool:
+        """Is the factored path the cheaper one at every token count T? Per token it costs 2·r·(m+n) against the
+        dense path's 3·m·n (whose 2·m·n·r only adds to it): true for every 3x3 conv and every full-rank layer at
+        least twice as wide as tall. Such a layer never reads W while training."""
+        if self.kind not in ("linear", "conv") or not self.full_rank or self.mode == "dense":
+            return False
+        m, n, r = self.U.shape[0], self.Vh.shape[1], self.sigma.shape[0]
+        return 2 * r * (m + n) <= 3 * m * n
+
+    @property
+    def dropped(self) -> bool:
+        return self.base.weight.is_meta
+
+    @torch.no_grad()
+    def drop_weight(self):
+        """Free W (see `drop_weights`); its shape stays, on the meta device, and the fingerprint's summary of it."""
+        self.weight_summary = weight_summary(self.base.weight)
+        self.base.weight = nn.Parameter(torch.empty_like(self.base.weight, device="meta"), requires_grad=False)
+
     # -- inference --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, keep_original=True):
         """Write W_δ into the base weight once, so the layer costs exactly what the base layer costs."""
         if self.merged:
+            return
+        if self.dropped:  # no W to add ΔW to: W_δ from the factors (the SVD's rounding, ≤ 1e-6), no original
+            self.base.weight = nn.Parameter(self.naive_weight().detach(), requires_grad=False)
+            self.original, self.merged = None, True
             return
         W = self.base.weight
         self.original = W.detach().to("cpu", copy=True) if keep_original else None
@@ -311,7 +335,8 @@ class SpectralShift(nn.Module):
         if not self.merged:
             return
         if self.original is None:
-            raise ValueError("this model was merged without keeping the original weights; reload it")
+            raise ValueError("the original weights were not kept (merge(keep_original=False), or drop_weights); "
+                             "reload the model")
         self.base.weight.copy_(self.original.to(self.base.weight.device))
         self.original, self.merged = None, False
 
@@ -426,6 +451,8 @@ def remove_spectral_shifts(model):
         root = getattr(model, component)
         for name, m in list(root.named_modules() if root is not None else []):
             if isinstance(m, SpectralShift):
+                if m.dropped and not m.merged:
+                    raise ValueError(f"{name}: its weight was dropped for training; merge first, or reload the model")
                 _set_child(root, name, m.base)
 
 
@@ -442,6 +469,20 @@ def set_mode(model, mode):
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for _, m in shifts(model):
         m.mode = mode
+
+
+def drop_weights(model) -> int:
+    """For training: free W of every shifted layer that never reads it, because its factored path is the cheaper
+    one at any token count (`SpectralShift.factored_always`: the 3x3 convs, feed-forward and text MLP layers,
+    wide cross-attention k/v). Training, sampling with unmerged shifts, shift files and the fingerprint work as
+    before; `merge` then writes W_δ = U diag(ReLU(σ+δ)) Vᵀ from the factors (equal to W + ΔW up to the SVD's
+    rounding, ≤ 1e-6, instead of bit-exact) and the original weights need a reload. Returns the bytes freed."""
+    freed = 0
+    for _, m in shifts(model):
+        if not m.dropped and m.factored_always():
+            freed += m.base.weight.numel() * m.base.weight.element_size()
+            m.drop_weight()
+    return freed
 
 
 def merge(model, keep_original=True):
@@ -467,7 +508,9 @@ def fingerprint(model) -> str:
         for name, p in (root.named_parameters() if root is not None else []):
             if name.endswith("delta"):
                 continue
-            h.update(f"{component}.{name.replace('base.', '')}{weight_summary(p)}".encode())
+            # a weight dropped for training (meta) left its summary with its layer: `<layer>.base.weight`
+            summary = root.get_submodule(name.rsplit(".", 2)[0]).weight_summary if p.is_meta else weight_summary(p)
+            h.update(f"{component}.{name.replace('base.', '')}{summary}".encode())
     return h.hexdigest()[:16]
 
 

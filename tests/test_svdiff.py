@@ -151,6 +151,38 @@ def test_merge_and_unmerge_are_bit_exact(tmp_path, bpe_vocab):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_dropping_unread_weights_keeps_training_fingerprint_and_merge(tmp_path, bpe_vocab):
+    model, kept = tiny_model(tmp_path, bpe_vocab), tiny_model(tmp_path, bpe_vocab)
+    for m in (model, kept):
+        svdiff.add_spectral_shifts(m, progress=False)
+    base_print = svdiff.fingerprint(model)
+    for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(kept)):
+        with torch.no_grad():
+            a.delta.copy_(torch.randn(a.delta.shape) * 0.1)
+            b.delta.copy_(a.delta)
+    assert svdiff.drop_weights(model) > 0
+    dropped = [m for _, m in svdiff.shifts(model) if m.dropped]
+    assert any(m.kind == "conv" for m in dropped) and all(m.factored_always() for m in dropped)
+    assert svdiff.fingerprint(model) == base_print
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny.TEXT_WIDTH)
+    outputs = []
+    for m in (model, kept):  # the training path reads no dropped W: same values, same gradients
+        loss = m.unet(x, 10, ctx).square().mean()
+        loss.backward()
+        grads = [s.delta.grad for k, s in svdiff.shifts(m) if k.startswith(sd.UNET_PREFIX)]
+        outputs.append((loss.detach(), torch.cat(grads)))
+    assert rel(outputs[0][0], outputs[1][0]) <= 1e-6 and rel(outputs[0][1], outputs[1][1]) <= 1e-5
+    svdiff.save_shift_file(model, tmp_path / "s.safetensors")  # same fingerprint: applies to the kept model
+    svdiff.load_shift_file(kept, tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="merge first"):
+        svdiff.remove_spectral_shifts(model)
+    with torch.no_grad():
+        svdiff.merge(model), svdiff.merge(kept)
+        assert rel(model.unet(x, 10, ctx), kept.unet(x, 10, ctx)) <= 1e-5  # W_δ from the factors
+    with pytest.raises(ValueError, match="reload the model"):
+        svdiff.unmerge(model)
+
+
 def test_shift_file_round_trip_keys_and_errors(tmp_path, bpe_vocab):
     model = tiny_model(tmp_path, bpe_vocab, "sd2")
     svdiff.add_spectral_shifts(model, progress=False)
