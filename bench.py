@@ -370,7 +370,7 @@ def bench_sampling(methods: Methods, batch, reps: int, tiny: bool, folder: Path,
         diffusers_unet = diffusers_sd15_unet(model, device)
         if diffusers_unet is not None:
             fns["diffusers"] = lambda: diffusers_unet(x_t, t[:1], encoder_hidden_states=context)
-        times = alternate(fns, reps, device)
+        times = alternate(fns, 3 * reps, device)  # steps are short and the ratio is near 1: more turns
     out = {"sampling_seconds": times, "merged_vs_base_sampling": median(times["merged"]) / median(times["base"]),
            "apply_shifts_seconds": apply_seconds}
     if "diffusers" in times:
@@ -403,10 +403,16 @@ PROBES = ("model", "svdiff", "svdiff-drop-w", "naive", "lora", "full")  # model:
 
 
 def peak_memory(device) -> int:
+    """CUDA: max allocated. CPU: the process's peak RSS, from /proc's VmHWM where there is one: getrusage's
+    ru_maxrss would carry the parent's peak into a child (Linux keeps it across fork and exec)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
+    status = Path("/proc/self/status")
+    for line in (status.read_text().splitlines() if status.is_file() else []):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def child(a):
@@ -451,7 +457,8 @@ def table(r) -> str:
                  "full": r.get("unet_params")}
     sec = {**sec, "full": r.get("seconds_full_pair", {}).get("full", [])}
     lines = [f"training step, batch 2 (1 instance + 1 prior) at {r['resolution']} px, {r['machine']}, "
-             f"torch {r['torch']}; seconds: median of {r['steps']}; ratios measured side by side", "",
+             f"torch {r['torch']}; seconds: median of {r['steps']} (sampling: {3 * r['steps']}); ratios measured "
+             "side by side", "",
              "| method | trainable | seconds | SVDiff fast ÷ this | peak memory | above the model alone |",
              "|---|---|---|---|---|---|"]
     for m in ("svdiff", "svdiff-drop-w", "naive", "lora", "full"):
@@ -518,6 +525,7 @@ def main(argv=None):
             r |= bench_full(methods, batch, a.steps, r["fast_vs_lora"])
         del methods, model
         gc.collect()
+        r["bench_peak_bytes"] = peak_memory(device)  # this process's own peak, all phases
         if "memory" in parts:
             r |= bench_memory(a, cache)
     print(table(r))
