@@ -297,8 +297,9 @@ class SpectralShift(nn.Module):
     # -- training memory --------------------------------------------------------------------------------------
     def factored_always(self) -> bool:
         """Is the factored path the cheaper one at every token count T? Per token it costs 2·r·(m+n) against the
-        dense path's 3·m·n (whose 2·m·n·r only adds to it): true for every 3x3 conv and every full-rank layer at
-        least twice as wide as tall. Such a layer never reads W while training."""
+        dense path's 3·m·n (whose 2·m·n·r only adds to it): true for every full-rank layer at least twice as wide
+        as tall or tall as wide, so for every 3x3 conv of SD (9·c_in ≥ 2·c_out). Such a layer never reads W while
+        training."""
         if self.kind not in ("linear", "conv") or not self.full_rank or self.mode == "dense":
             return False
         m, n, r = self.U.shape[0], self.Vh.shape[1], self.sigma.shape[0]
