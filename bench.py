@@ -354,7 +354,8 @@ def bench_full(methods: Methods, batch, reps: int, fast_vs_lora: float):
 def bench_sampling(methods: Methods, batch, reps: int, tiny: bool, folder: Path, cache: Path):
     """Per-step UNet time (batch 2: classifier-free guidance) of a second copy of the model with a shift file
     applied as sample.py applies it (apply_shift_files: W_δ merged into the weights once, wrappers removed),
-    against the base model, taking turns; and diffusers' UNet when it is installed."""
+    against the base model, taking turns. (Our UNet against diffusers': tests/bench_diffusers.py, since the
+    program never imports diffusers.)"""
     model, device = methods.model, methods.device
     methods.use("svdiff")
     svdiff.save_shift_file(model, folder / "sample_shifts.safetensors")
@@ -367,33 +368,9 @@ def bench_sampling(methods: Methods, batch, reps: int, tiny: bool, folder: Path,
     with torch.no_grad(), autocast(device):
         context = model.text_encoder(ids)
         fns = {"base": lambda: model.unet(x_t, t[:1], context), "merged": lambda: shifted.unet(x_t, t[:1], context)}
-        diffusers_unet = diffusers_sd15_unet(model, device)
-        if diffusers_unet is not None:
-            fns["diffusers"] = lambda: diffusers_unet(x_t, t[:1], encoder_hidden_states=context)
         times = alternate(fns, 3 * reps, device)  # steps are short and the ratio is near 1: more turns
-    out = {"sampling_seconds": times, "merged_vs_base_sampling": median(times["merged"]) / median(times["base"]),
-           "apply_shifts_seconds": apply_seconds}
-    if "diffusers" in times:
-        out["base_vs_diffusers_sampling"] = median(times["base"]) / median(times["diffusers"])
-    return out
-
-
-def diffusers_sd15_unet(model, device):
-    """diffusers' UNet of the same architecture (random weights), when diffusers is installed: what users would
-    otherwise sample with. Optional; the program itself never imports diffusers."""
-    try:
-        from diffusers import UNet2DConditionModel
-    except ImportError:
-        return None
-    cfg = model.unet.cfg
-    channels = tuple(cfg.model_channels * m for m in cfg.channel_mult)
-    levels = range(len(channels))
-    down = tuple("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
-    up = tuple("CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
-    unet = UNet2DConditionModel(block_out_channels=channels, down_block_types=down, up_block_types=up,
-                                layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-                                attention_head_dim=cfg.num_heads, norm_num_groups=cfg.norm_groups)
-    return unet.to(device, next(model.unet.parameters()).dtype).eval().requires_grad_(False)
+    return {"sampling_seconds": times, "merged_vs_base_sampling": median(times["merged"]) / median(times["base"]),
+            "apply_shifts_seconds": apply_seconds}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,9 +455,6 @@ def table(r) -> str:
         lines.append(f"| sampling, UNet step (batch 2): base / shifts merged by apply_shift_files | "
                      f"{median(s['base']):.3f} s / {median(s['merged']):.3f} s = {r['merged_vs_base_sampling']:.3f} |")
         lines.append(f"| applying a shift file (SVD from the cache, merge) | {r['apply_shifts_seconds']:.1f} s |")
-        if "diffusers" in s:
-            lines.append(f"| sampling, UNet step: diffusers' UNet2DConditionModel | {median(s['diffusers']):.3f} s "
-                         f"(ours ÷ diffusers = {r['base_vs_diffusers_sampling']:.2f}) |")
     if "shift_file_bytes" in r:
         lines += [f"| shift file `all`, fp32 / fp16 ({r['shift_floats']:,} floats) | {mb(r['shift_file_bytes'])} / "
                   f"{mb(r['shift_file_fp16_bytes'])} |",

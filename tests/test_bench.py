@@ -66,3 +66,10 @@ def test_bad_arguments_get_one_line_and_exit_1():
         out = subprocess.run([sys.executable, str(bench.Path(bench.__file__)), "--tiny", *args],
                              capture_output=True, text=True)
         assert out.returncode == 1 and out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1, args
+
+
+def test_our_unet_against_diffusers_runs_beside_bench(capsys):
+    """tests/bench_diffusers.py: the comparison with diffusers' UNet lives with the tests (diffusers is test-only)."""
+    import bench_diffusers
+    ratio = bench_diffusers.main(["--tiny", "--steps", "1", "--resolution", "64", "--device", "cpu"])
+    assert ratio > 0 and json.loads(capsys.readouterr().out)["base_vs_diffusers_sampling"] == ratio
