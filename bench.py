@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import clip_text
 import sd
+import shifts
 import svdiff
 import unet as unet_lib
 
@@ -313,8 +314,8 @@ def bench_files(methods: Methods, folder: Path):
     with torch.no_grad():
         for _, m in svdiff.shifts(model):
             m.delta.normal_(0, 1e-3)
-    svdiff.save_shift_file(model, folder / "shifts.safetensors")
-    svdiff.save_shift_file(model, folder / "shifts_fp16.safetensors", half=True)
+    shifts.save_shift_file(model, folder / "shifts.safetensors")
+    shifts.save_shift_file(model, folder / "shifts_fp16.safetensors", half=True)
     save_lora_file(methods.loras, model.unet, folder / "lora.safetensors")
     save_lora_file(methods.loras, model.unet, folder / "lora_fp16.safetensors", torch.float16)
     size = lambda name: (folder / name).stat().st_size
@@ -358,11 +359,11 @@ def bench_sampling(methods: Methods, batch, reps: int, tiny: bool, folder: Path,
     program never imports diffusers.)"""
     model, device = methods.model, methods.device
     methods.use("svdiff")
-    svdiff.save_shift_file(model, folder / "sample_shifts.safetensors")
+    shifts.save_shift_file(model, folder / "sample_shifts.safetensors")
     methods.use("base")
     shifted = build_model(tiny, device, next(model.unet.parameters()).dtype)
     t0 = time.perf_counter()
-    svdiff.apply_shift_files(shifted, [str(folder / "sample_shifts.safetensors")], cache=cache)
+    shifts.apply_shift_files(shifted, [str(folder / "sample_shifts.safetensors")], cache=cache)
     apply_seconds = time.perf_counter() - t0
     x_t, t, ids, _ = batch
     with torch.no_grad(), autocast(device):

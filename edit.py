@@ -24,6 +24,7 @@ import torch
 
 import ddim
 import sd
+import shifts
 import svdiff
 import train
 import vae as vae_lib
@@ -216,7 +217,7 @@ def main(argv=None):
 
     if a.shifts:
         model = sd.load(t.model, device=t.device, dtype=train.weight_dtype(t), vocab=t.vocab)
-        svdiff.apply_shift_files(model, [a.shifts], force=a.force, cache=t.svd_cache)  # merged, U and V dropped
+        shifts.apply_shift_files(model, [a.shifts], force=a.force, cache=t.svd_cache)  # merged, U and V dropped
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "shifts.safetensors").exists() or not (out / "shifts.safetensors").samefile(a.shifts):
             svdiff.atomic_write(lambda p: shutil.copyfile(a.shifts, p), out / "shifts.safetensors")

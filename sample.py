@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import sd
+import shifts
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -89,7 +90,7 @@ def main(argv=None):
     model = sd.load(a.model, device=a.device, dtype=dtype, prediction_type=a.prediction_type, vocab=a.vocab)
     if a.shifts:
         import svdiff
-        svdiff.apply_shift_files(model, a.shifts, cache=a.svd_cache)
+        shifts.apply_shift_files(model, a.shifts, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     # All initial latents first, from one generator, as diffusers draws them for num_images_per_prompt.
     latents = sd.initial_latents(model, a.num_images, a.height, a.width, generator)

@@ -1,5 +1,6 @@
-"""Shift files beyond training: inspect, combine (Eq. 4-5, style mixing), and export as a LoRA or a merged
-checkpoint that any Stable Diffusion tool loads.
+"""Shift files: the δ of a trained model on disk, keyed by the weights' original checkpoint names; reading them
+back (checked against the base model's fingerprint), combining them (Eq. 4-5, style mixing), applying them for
+sampling, and exporting them as a LoRA or a merged checkpoint that any Stable Diffusion tool loads.
 
     python shifts.py info runs/sks/shifts.safetensors
     python shifts.py combine dog.safetensors:0.7 cat.safetensors:0.3 --out mix.safetensors
@@ -9,14 +10,139 @@ checkpoint that any Stable Diffusion tool loads.
 """
 import argparse
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 import sd
-from svdiff import (SpectralShift, atomic_write, apply_shift_files, combine_files, merge, parse_spec, read_shift_file,
-                    shifts)
+from svdiff import (SpectralShift, add_spectral_shifts, atomic_write, combine, fingerprint, merge,
+                    remove_spectral_shifts, shiftable_modules, shifts)
+
+FORMAT = "svdiff-shifts"
+VERSION = "1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shift files: one 1-D δ per shifted weight, keyed by its ORIGINAL checkpoint name
+
+
+def save_shift_file(model, path, half=False, subset="all", rank=None):
+    """δ of every shifted layer, keyed by the weight's ORIGINAL single-file checkpoint name."""
+    from safetensors.torch import save_file
+    tensors = {k: m.delta.detach().to(torch.float16 if half else torch.float32).cpu().contiguous()
+               for k, m in shifts(model)}
+    meta = {"format": FORMAT, "version": VERSION, "family": model.family, "subset": str(subset),
+            "rank": str(rank or ""), "fingerprint": fingerprint(model)}
+    atomic_write(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
+
+
+def read_shift_file(path):
+    """(δ by original key, metadata). A file with no svdiff metadata (another tool's) is accepted as is."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such shift file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .safetensors shift file ({e})") from None
+
+
+def check_shift_file(model, path, tensors, meta, force=False):
+    if meta.get("family") and meta["family"] != model.family:
+        raise ValueError(f"{path}: shifts for an {meta['family']} model, but the base model is {model.family}")
+    if "fingerprint" not in meta:
+        warnings.warn(f"{path} has no base-model fingerprint (written by another tool?); applying it anyway")
+    elif meta["fingerprint"] != fingerprint(model) and not force:
+        raise ValueError(f"{path}: trained on a different base model (fingerprint {meta['fingerprint']} != "
+                         f"{fingerprint(model)}); use the same base model, or --force to apply anyway")
+
+
+def load_shift_file(model, path, scale=1.0, force=False):
+    """Set the δ of a model with shifts added from a file (resume; or to continue from shifts)."""
+    tensors, meta = read_shift_file(path)
+    check_shift_file(model, path, tensors, meta, force)
+    layers = dict(shifts(model))
+    for k, d in tensors.items():
+        if k not in layers:
+            raise ValueError(f"{path}: key {k} is not a shifted layer of this model")
+        if d.shape != layers[k].delta.shape:
+            raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
+        with torch.no_grad():
+            layers[k].delta.copy_(scale * d.float())
+
+
+def parse_spec(spec: str):
+    """FILE[:SCALE] -> (path, scale)."""
+    m = re.fullmatch(r"(.+):(-?[\d.]+(?:e-?\d+)?)", spec)
+    return (Path(m[1]), float(m[2])) if m else (Path(spec), 1.0)
+
+
+def in_layer_range(key: str, ranges) -> bool:
+    """Style mixing: is this key in one of the named layer ranges ("input_blocks.4-8", "middle_block", any
+    key prefix)?"""
+    for r in ranges:
+        m = re.fullmatch(r"(\w+)\.(\d+)-(\d+)", r)
+        if m:
+            k = re.search(rf"\b{m[1]}\.(\d+)\.", key)
+            if k and int(m[2]) <= int(k[1]) <= int(m[3]):
+                return True
+        elif r in key:
+            return True
+    return False
+
+
+def combine_files(specs, mix=None):
+    """Eq. 4-5 on files: Σ sᵢδᵢ per key (a key missing from a file counts as δ = 0). With `mix` (two files,
+    style mixing), the keys in those layer ranges come from the second file and all others from the first.
+    Returns (δ by key, metadata of the first file)."""
+    read = [(parse_spec(s), read_shift_file(parse_spec(s)[0])) for s in specs]
+    (first_path, _), (_, first_meta) = read[0]
+    for (path, _), (_, meta) in read[1:]:
+        for field in ("family", "fingerprint"):
+            if meta.get(field) != first_meta.get(field):
+                raise ValueError(f"{path}: {field} {meta.get(field)} differs from {first_path}'s "
+                                 f"{first_meta.get(field)}; shifts of different base models cannot be combined")
+    if mix is not None and len(read) != 2:
+        raise ValueError("style mixing takes exactly two files: layers in the ranges from the second, rest from the first")
+    combined = {}
+    for i, ((path, scale), (tensors, _)) in enumerate(read):
+        for k, d in tensors.items():
+            if mix is not None and in_layer_range(k, mix) != (i == 1):
+                continue
+            if k in combined and combined[k].shape != d.shape:
+                raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, the other files {combined[k].shape[0]}")
+            combined[k] = combined.get(k, 0) + combine([d], [scale])
+    return combined, first_meta
+
+
+def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=None):
+    """sample.py --shifts A.safetensors[:s] B.safetensors[:s]: ReLU(σ + Σ sᵢδᵢ) (Eq. 4-5), merged once so that
+    sampling costs what the base model costs. `cache`: the SVD cache file of add_spectral_shifts."""
+    combined, meta = combine_files(specs, mix)
+    check_shift_file(model, specs[0], combined, meta, force)
+    known = {_key(model, component, name) for component, name, _ in shiftable_modules(model)}
+    for k in combined:
+        if k not in known:
+            raise ValueError(f"key {k} of the shift files is not a weight of this model")
+    add_spectral_shifts(model, keys=set(combined), cache=cache, progress=True)
+    layers = dict(shifts(model))
+    for k, d in combined.items():
+        if d.shape != layers[k].delta.shape:
+            raise ValueError(f"key {k}: δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
+        with torch.no_grad():
+            layers[k].delta.copy_(d)
+    if merged:
+        merge(model, keep_original=False)
+        remove_spectral_shifts(model)  # W_δ is in the weights now; U and V would hold as much memory as W again
+
+
+def _key(model, component, name):
+    return sd.checkpoint_key(component, name + ".weight", model.family)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import ddim
 import sd
+import shifts
 import svdiff
 import vae as vae_lib
 from sample import check_writable, grid
@@ -308,7 +309,7 @@ def train(a, instances=None):
     start = 0
     if a.resume:
         state = torch.load(out / "resume.pt", weights_only=True)
-        svdiff.load_shift_file(model, out / "shifts.safetensors")
+        shifts.load_shift_file(model, out / "shifts.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -333,7 +334,7 @@ def train(a, instances=None):
         return z * vae_lib.SCALE, idx
 
     def save(step):
-        svdiff.save_shift_file(model, out / "shifts.safetensors", half=a.half, subset=a.subset, rank=a.rank)
+        shifts.save_shift_file(model, out / "shifts.safetensors", half=a.half, subset=a.subset, rank=a.rank)
         svdiff.atomic_write(lambda p: torch.save({"step": step, "optimizer": optimizer.state_dict(),
                                           "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}, p),
                     out / "resume.pt")

@@ -12,6 +12,7 @@ from PIL import Image
 
 import ddim
 import sd
+import shifts
 import svdiff
 import tiny
 import train
@@ -137,13 +138,13 @@ def two_subjects(tmp_path_factory):
     return root
 
 
-def fixed_unmix_loss(root, shifts=None):
+def fixed_unmix_loss(root, shift_file=None):
     """The separation loss on fixed collages, noise and timesteps, with or without trained shifts."""
     model = sd.load(root / "model")
-    if shifts:
-        tensors, _ = svdiff.read_shift_file(shifts)
+    if shift_file:
+        tensors, _ = shifts.read_shift_file(shift_file)
         svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
-        svdiff.load_shift_file(model, shifts)
+        shifts.load_shift_file(model, shift_file)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         z = {n: model.vae.encode(torch.stack(train.load_image_folder(root / n, 64)[0]))[0] * vae_lib.SCALE

@@ -13,6 +13,7 @@ from PIL import Image
 import ddim
 import edit
 import sd
+import shifts
 import svdiff
 import tiny
 
@@ -173,7 +174,7 @@ def test_edit_fine_tunes_then_writes_shifts_one_image_per_edit_and_seed_and_a_co
     assert config["prior_weight"] == 0 and config["subset"] == "all" and config["no_captions"]
     assert config["instance_prompt"].format() == "a photo of a {cat}" and config["steps"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    tensors, _ = svdiff.read_shift_file(out / "shifts.safetensors")
+    tensors, _ = shifts.read_shift_file(out / "shifts.safetensors")
     assert any(k.startswith("cond_stage_model.") for k in tensors) and any(t.abs().max() > 0 for t in tensors.values())
     edit_config = json.loads((out / "edit_config.json").read_text())
     assert edit_config["inversion_steps"] == 2 and edit_config["seed"] == [0, 3]

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import sample
+import shifts
 import tiny
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float6
     import sd
     import svdiff
     base = sd.load(model_path, vocab=bpe_vocab)
-    meta = {"format": svdiff.FORMAT, "version": svdiff.VERSION, "family": family, "subset": "all", "rank": "",
+    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": family, "subset": "all", "rank": "",
             "fingerprint": svdiff.fingerprint(base)}
     keys = [sd.checkpoint_key(c, n + ".weight", family) for c, n, _ in svdiff.shiftable_modules(base)]
     g = torch.Generator().manual_seed(5)

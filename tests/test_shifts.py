@@ -25,7 +25,7 @@ def trained(tmp_path, bpe_vocab):
     for _, m in svdiff.shifts(model):
         with torch.no_grad():
             m.delta.copy_(torch.randn(m.delta.shape, generator=g) * (0.05 if m.kind == "norm" else m.sigma.mean()))
-    svdiff.save_shift_file(model, tmp_path / "shifts.safetensors")
+    shifts.save_shift_file(model, tmp_path / "shifts.safetensors")
     return model, path, tmp_path / "shifts.safetensors"
 
 

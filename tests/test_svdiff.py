@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import clip_text
 import sd
+import shifts
 import svdiff
 import tiny
 import unet as unet_lib
@@ -172,8 +173,8 @@ def test_dropping_unread_weights_keeps_training_fingerprint_and_merge(tmp_path, 
         grads = [s.delta.grad for k, s in svdiff.shifts(m) if k.startswith(sd.UNET_PREFIX)]
         outputs.append((loss.detach(), torch.cat(grads)))
     assert rel(outputs[0][0], outputs[1][0]) <= 1e-6 and rel(outputs[0][1], outputs[1][1]) <= 1e-5
-    svdiff.save_shift_file(model, tmp_path / "s.safetensors")  # same fingerprint: applies to the kept model
-    svdiff.load_shift_file(kept, tmp_path / "s.safetensors")
+    shifts.save_shift_file(model, tmp_path / "s.safetensors")  # same fingerprint: applies to the kept model
+    shifts.load_shift_file(kept, tmp_path / "s.safetensors")
     with pytest.raises(ValueError, match="merge first"):
         svdiff.remove_spectral_shifts(model)
     with torch.no_grad():
@@ -190,36 +191,36 @@ def test_shift_file_round_trip_keys_and_errors(tmp_path, bpe_vocab):
         with torch.no_grad():
             m.delta.normal_()
     path = tmp_path / "shifts.safetensors"
-    svdiff.save_shift_file(model, path)
-    tensors, meta = svdiff.read_shift_file(path)
-    assert meta["family"] == "sd2" and meta["format"] == svdiff.FORMAT
+    shifts.save_shift_file(model, path)
+    tensors, meta = shifts.read_shift_file(path)
+    assert meta["family"] == "sd2" and meta["format"] == shifts.FORMAT
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
     assert "cond_stage_model.model.positional_embedding" in tensors
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in tensors
     assert tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (tiny.TEXT_WIDTH,)
     other = tiny_model(tmp_path, bpe_vocab, "sd2")
     svdiff.add_spectral_shifts(other, progress=False)
-    svdiff.load_shift_file(other, path)
+    shifts.load_shift_file(other, path)
     assert all(torch.equal(a.delta, b.delta) for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(other)))
 
     with torch.no_grad():  # another base model: refused unless forced
         next(p for n, p in other.unet.named_parameters() if not n.endswith("delta")).mul_(3)
     with pytest.raises(ValueError, match="different base model"):
-        svdiff.load_shift_file(other, path)
-    svdiff.load_shift_file(other, path, force=True)
+        shifts.load_shift_file(other, path)
+    shifts.load_shift_file(other, path, force=True)
 
     from safetensors.torch import save_file
     bad = dict(tensors)
     bad["model.diffusion_model.nope.weight"] = torch.zeros(3)
     save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="model.diffusion_model.nope.weight"):
-        svdiff.load_shift_file(model, tmp_path / "bad.safetensors")
+        shifts.load_shift_file(model, tmp_path / "bad.safetensors")
     bad = dict(tensors)
     k = "model.diffusion_model.out.2.weight"
     bad[k] = torch.zeros(bad[k].shape[0] + 1)
     save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="out.2.weight"):
-        svdiff.load_shift_file(model, tmp_path / "bad.safetensors")
+        shifts.load_shift_file(model, tmp_path / "bad.safetensors")
 
 
 def test_param_groups_use_the_authors_learning_rates(tmp_path, bpe_vocab):
@@ -256,7 +257,7 @@ def test_sd15_all_shift_file_size(tmp_path):
                                    clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
     tensors = {sd.checkpoint_key(c, n + ".weight", "sd1"): torch.zeros(svdiff.shift_length(m))
                for c, n, m in svdiff.shiftable_modules(model)}
-    meta = {"format": svdiff.FORMAT, "version": svdiff.VERSION, "family": "sd1", "subset": "all", "rank": "",
+    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sd1", "subset": "all", "rank": "",
             "fingerprint": "0" * 16}
     save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
     size = os.path.getsize(tmp_path / "s.safetensors")
@@ -312,5 +313,5 @@ def test_shift_file_without_fingerprint_warns_and_applies(tmp_path, bpe_vocab):
     foreign = {k: torch.full_like(m.delta, 0.01) for k, m in svdiff.shifts(model)}
     save_file(foreign, str(tmp_path / "foreign.safetensors"))
     with pytest.warns(UserWarning, match="no base-model fingerprint"):
-        svdiff.load_shift_file(model, tmp_path / "foreign.safetensors")
+        shifts.load_shift_file(model, tmp_path / "foreign.safetensors")
     assert all(torch.all(m.delta == 0.01) for _, m in svdiff.shifts(model))

@@ -14,6 +14,7 @@ from PIL import Image
 
 import ddim
 import sd
+import shifts
 import svdiff
 import tiny
 import train
@@ -49,13 +50,13 @@ def common(setup, out, steps=30, *extra):
             "--steps", steps, "--no-prior", "--sample-every", 1000, "--sample-steps", 2, "--out", out, *extra]
 
 
-def instance_loss(setup, shifts=None):
+def instance_loss(setup, shift_file=None):
     """ε-MSE on the instance images at FIXED noise and timesteps, with or without the trained shifts."""
     model = sd.load(setup / "model")
-    if shifts:
-        tensors, _ = svdiff.read_shift_file(shifts)
+    if shift_file:
+        tensors, _ = shifts.read_shift_file(shift_file)
         svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
-        svdiff.load_shift_file(model, shifts)
+        shifts.load_shift_file(model, shift_file)
     images, _ = train.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
@@ -74,7 +75,7 @@ def test_training_lowers_the_instance_loss_and_writes_the_promised_files(setup):
     before, after = instance_loss(setup), instance_loss(setup, out / "shifts.safetensors")
     assert after < 0.9 * before, (before, after)
 
-    tensors, meta = svdiff.read_shift_file(out / "shifts.safetensors")
+    tensors, meta = shifts.read_shift_file(out / "shifts.safetensors")
     model = sd.load(setup / "model")
     expected = {sd.checkpoint_key(c, n + ".weight", "sd1"): svdiff.shift_length(m)
                 for c, n, m in svdiff.shiftable_modules(model, "all")}
@@ -160,7 +161,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
         assert not out.exists()
     else:  # the last good shift file is kept
         assert "stopped" in errors[0]
-        tensors, _ = svdiff.read_shift_file(out / "shifts.safetensors")
+        tensors, _ = shifts.read_shift_file(out / "shifts.safetensors")
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
