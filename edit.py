@@ -116,13 +116,6 @@ def train_args(a):
     return train.parse_args(argv)
 
 
-def merge_for_inference(model):
-    """W_δ written into the weights once and the SVD factors dropped: the plain architecture with fine-tuned
-    weights, which costs exactly what the base model costs in time and memory."""
-    svdiff.merge(model, keep_original=False)
-    svdiff.remove_spectral_shifts(model)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Editing
 
@@ -225,7 +218,7 @@ def main(argv=None):
         model = train.train(t, [loaded])  # writes shifts.safetensors (and config.json, log.jsonl, resume.pt) in --out
         # Merged only now: after the last optimizer step, and after the shift file was saved with the base
         # weights' fingerprint (merging changes those weights). Never unmerged, so no copy of W is kept.
-        merge_for_inference(model)
+        svdiff.bake(model)
     for stale in list(out.glob("edit[0-9][0-9]_*.png")) + [out / "comparison.png"]:  # --overwrite
         stale.unlink(missing_ok=True)
     (out / "edit_config.json").write_text(json.dumps(vars(a), indent=2))

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import sd
-from svdiff import (SpectralShift, add_spectral_shifts, atomic_write, combine, fingerprint, merge,
-                    remove_spectral_shifts, shiftable_modules, shifts)
+from svdiff import (SpectralShift, add_spectral_shifts, atomic_write, bake, combine, fingerprint, merge,
+                    shiftable_modules, shifts)
 
 FORMAT = "svdiff-shifts"
 VERSION = "1"
@@ -137,8 +137,7 @@ def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=No
         with torch.no_grad():
             layers[k].delta.copy_(d)
     if merged:
-        merge(model, keep_original=False)
-        remove_spectral_shifts(model)  # W_δ is in the weights now; U and V would hold as much memory as W again
+        bake(model)
 
 
 def _key(model, component, name):

@@ -491,6 +491,13 @@ def merge(model, keep_original=True):
         m.merge(keep_original)
 
 
+def bake(model):
+    """Merge for good, for inference: W_δ written into the weights and the wrappers removed, so that U and Vᵀ (as
+    much memory as W again) are freed and the model is the plain architecture at exactly the base model's cost."""
+    merge(model, keep_original=False)
+    remove_spectral_shifts(model)
+
+
 def unmerge(model):
     for _, m in shifts(model):
         m.unmerge()
