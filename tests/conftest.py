@@ -11,11 +11,31 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: tiny random SD models in bot
 BPE_VOCAB = ROOT.parent / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
-@pytest.fixture
-def bpe_vocab():
+def require_bpe_vocab():
     if not BPE_VOCAB.is_file():
         pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
     return BPE_VOCAB
+
+
+@pytest.fixture
+def bpe_vocab():
+    return require_bpe_vocab()
+
+
+def tiny_model_folder(tmp_path_factory, name, family="sd1"):
+    """A fresh folder holding a tiny random diffusers model in model/ (module-scoped fixtures share one)."""
+    import tiny
+    root = tmp_path_factory.mktemp(name)
+    tiny.write_folder(root / "model", family, require_bpe_vocab())
+    return root
+
+
+def photo(rng, shape, box, colour):
+    """A synthetic "photo": dim noise of `shape` (h, w, 3) with a bright square at `box` (rows, cols slices)."""
+    import numpy as np
+    a = (rng.random(shape) * 60).astype(np.uint8)
+    a[box] = colour
+    return a
 
 
 @pytest.fixture(autouse=True)

@@ -123,18 +123,13 @@ def test_unmix_gradient_reaches_the_spectral_shifts(tmp_path, bpe_vocab):
 
 @pytest.fixture(scope="module")
 def two_subjects(tmp_path_factory):
-    from conftest import BPE_VOCAB
-    if not BPE_VOCAB.is_file():
-        pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
-    root = tmp_path_factory.mktemp("cutmix")
-    tiny.write_folder(root / "model", "sd1", BPE_VOCAB)
+    from conftest import photo, tiny_model_folder
+    root = tiny_model_folder(tmp_path_factory, "cutmix")
     rng = np.random.default_rng(0)
     for name, colour in (("dog", [220, 40, 40]), ("sculpture", [40, 40, 220])):
         (root / name).mkdir()
         for i in range(2):
-            a = (rng.random((64, 64, 3)) * 60).astype("uint8")
-            a[16:48, 16:48] = colour
-            Image.fromarray(a).save(root / name / f"{i}.png")
+            Image.fromarray(photo(rng, (64, 64, 3), np.s_[16:48, 16:48], colour)).save(root / name / f"{i}.png")
     return root
 
 

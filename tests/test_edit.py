@@ -63,11 +63,9 @@ def test_evaluating_the_model_one_step_ahead_as_diffusers_pipelines_do_is_not_ex
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])  # sd2: v-prediction
 def tiny_model(request, tmp_path_factory):
-    from conftest import BPE_VOCAB
-    if not BPE_VOCAB.is_file():
-        pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
+    from conftest import require_bpe_vocab
     folder = tmp_path_factory.mktemp(request.param) / "model"
-    return folder, tiny.write_folder(folder, request.param, BPE_VOCAB)
+    return folder, tiny.write_folder(folder, request.param, require_bpe_vocab())
 
 
 @pytest.mark.parametrize("eta,model_at", [(0.0, "source"), (0.5, "source"), (0.0, "target")])
@@ -126,14 +124,10 @@ def test_inversion_and_sampling_equal_diffusers_schedulers(tiny_model, eta, mode
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from conftest import BPE_VOCAB
-    if not BPE_VOCAB.is_file():
-        pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
-    root = tmp_path_factory.mktemp("edit")
-    tiny.write_folder(root / "model", "sd1", BPE_VOCAB)
-    a = (np.random.default_rng(0).random((72, 96, 3)) * 60).astype("uint8")
-    a[20:50, 30:70] = [220, 40, 40]
-    Image.fromarray(a).save(root / "cat.png")
+    from conftest import photo, tiny_model_folder
+    root = tiny_model_folder(tmp_path_factory, "edit")
+    rng = np.random.default_rng(0)
+    Image.fromarray(photo(rng, (72, 96, 3), np.s_[20:50, 30:70], [220, 40, 40])).save(root / "cat.png")
     (root / "cat.txt").write_text("a caption that --prompt must win over")
     return root
 

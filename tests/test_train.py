@@ -25,17 +25,12 @@ ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from conftest import BPE_VOCAB
-    if not BPE_VOCAB.is_file():
-        pytest.skip(f"the real CLIP vocabulary is not at {BPE_VOCAB}")
-    root = tmp_path_factory.mktemp("train")
-    tiny.write_folder(root / "model", "sd1", BPE_VOCAB)
+    from conftest import photo, tiny_model_folder
+    root = tiny_model_folder(tmp_path_factory, "train")
     (root / "dog").mkdir()
     rng = np.random.default_rng(0)
     for i in range(3):  # three generated "photos": a red square on noise, different sizes and modes
-        a = (rng.random((72 + 8 * i, 96, 3)) * 60).astype("uint8")
-        a[20:50, 30:70] = [220, 40, 40]
-        im = Image.fromarray(a)
+        im = Image.fromarray(photo(rng, (72 + 8 * i, 96, 3), np.s_[20:50, 30:70], [220, 40, 40]))
         (im.convert("RGBA") if i == 1 else im.convert("P") if i == 2 else im).save(root / "dog" / f"{i}.png")
     return root
 
