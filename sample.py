@@ -89,7 +89,6 @@ def main(argv=None):
     dtype = DTYPES[a.dtype] if a.dtype else (torch.float16 if a.device.startswith("cuda") else torch.float32)
     model = sd.load(a.model, device=a.device, dtype=dtype, prediction_type=a.prediction_type, vocab=a.vocab)
     if a.shifts:
-        import svdiff
         shifts.apply_shift_files(model, a.shifts, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     # All initial latents first, from one generator, as diffusers draws them for num_images_per_prompt.

@@ -9,7 +9,6 @@ short `diffusers_to_original` rename rule. Weights stream tensor by tensor into 
 device, so the process never holds two copies of the model.
 """
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

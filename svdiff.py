@@ -18,7 +18,6 @@ import hashlib
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import torch

@@ -14,7 +14,6 @@ resume.pt, samples/step_XXXXX.png, config.json (the resolved arguments), log.jso
 """
 import argparse
 import json
-import math
 import os
 import string
 import sys

@@ -6,7 +6,6 @@ through `diffusers_to_original`. Facts: shared/reference/sd_weights_and_sampling
 import re
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -41,3 +41,16 @@ def photo(rng, shape, box, colour):
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
+
+
+def load_with_shifts(model_path, shift_file=None):
+    """A model from `model_path`, with the (unmerged) shifts of `shift_file` when one is given."""
+    import sd
+    import shifts
+    import svdiff
+    model = sd.load(model_path)
+    if shift_file:
+        tensors, _ = shifts.read_shift_file(shift_file)
+        svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
+        shifts.load_shift_file(model, shift_file)
+    return model

@@ -1,7 +1,6 @@
 """Cut-Mix-Unmix: collages, the half masks at every attention resolution, subject token positions, the separation
 loss and its gradient, and a short training run that lowers it."""
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,6 @@ from PIL import Image
 
 import ddim
 import sd
-import shifts
 import svdiff
 import tiny
 import train
@@ -135,11 +133,8 @@ def two_subjects(tmp_path_factory):
 
 def fixed_unmix_loss(root, shift_file=None):
     """The separation loss on fixed collages, noise and timesteps, with or without trained shifts."""
-    model = sd.load(root / "model")
-    if shift_file:
-        tensors, _ = shifts.read_shift_file(shift_file)
-        svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
-        shifts.load_shift_file(model, shift_file)
+    from conftest import load_with_shifts
+    model = load_with_shifts(root / "model", shift_file)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         z = {n: model.vae.encode(torch.stack(train.load_image_folder(root / n, 64)[0]))[0] * vae_lib.SCALE

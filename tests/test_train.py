@@ -47,11 +47,8 @@ def common(setup, out, steps=30, *extra):
 
 def instance_loss(setup, shift_file=None):
     """ε-MSE on the instance images at FIXED noise and timesteps, with or without the trained shifts."""
-    model = sd.load(setup / "model")
-    if shift_file:
-        tensors, _ = shifts.read_shift_file(shift_file)
-        svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
-        shifts.load_shift_file(model, shift_file)
+    from conftest import load_with_shifts
+    model = load_with_shifts(setup / "model", shift_file)
     images, _ = train.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
