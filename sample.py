@@ -114,5 +114,9 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; try --batch-size 1, --dtype fp16 or a smaller --height/--width",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
