@@ -40,6 +40,7 @@ def parse_args(argv=None):
                    help="override the model's (from scheduler_config.json, else epsilon)")
     p.add_argument("--shifts", nargs="*", default=[], metavar="FILE[:SCALE]",
                    help="spectral-shift files to apply, each with an optional scale")
+    p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -89,7 +90,7 @@ def main(argv=None):
     dtype = DTYPES[a.dtype] if a.dtype else (torch.float16 if a.device.startswith("cuda") else torch.float32)
     model = sd.load(a.model, device=a.device, dtype=dtype, prediction_type=a.prediction_type, vocab=a.vocab)
     if a.shifts:
-        shifts.apply_shift_files(model, a.shifts, cache=a.svd_cache)
+        shifts.apply_shift_files(model, a.shifts, force=a.force, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     # All initial latents first, from one generator, as diffusers draws them for num_images_per_prompt.
     latents = sd.initial_latents(model, a.num_images, a.height, a.width, generator)

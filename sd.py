@@ -8,8 +8,9 @@ Our modules are named after layout (a), so (a) loads by stripping a prefix; (b) 
 short `diffusers_to_original` rename rule. Weights stream tensor by tensor into modules built on the `meta`
 device, so the process never holds two copies of the model.
 """
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
 COMPONENTS = ("unet", "vae", "text_encoder")
+IDENTITY = ("unet", "text_encoder")  # the components a shift file belongs to (svdiff.fingerprint)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class StableDiffusion:
     family: str                  # "sd1" (CLIP ViT-L text, 768-d context) | "sd2" (OpenCLIP ViT-H, 1024-d)
     prediction_type: str         # "epsilon" | "v_prediction": not in the weights; from scheduler config or user
     path: str = ""
+    digests: dict = field(default_factory=dict)  # component -> `weights_digest` of its weights AS STORED (sd.load)
 
 
 def checkpoint_key(component: str, module_key: str, family: str) -> str:
@@ -58,6 +61,28 @@ def split_checkpoint_key(key: str, family: str) -> tuple[str, str] | None:
     if key.startswith(TEXT_PREFIX[family]):
         return "text_encoder", clip_text.original_to_module_key(key[len(TEXT_PREFIX[family]):], family)
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The identity of the weights (svdiff.fingerprint): digests of the weights as stored, rounded to fp16
+
+
+def tensor_digests(module_key: str, t: torch.Tensor) -> dict[str, str]:
+    """{name: SHA-256} of one weight, rounded to fp16 (round to nearest even, as `.half()` does). Published SD weights
+    are fp32, or fp16 rounded from them the same way, and fp16(fp16(x)) = fp16(x): both files digest alike, while a
+    change of any weight by more than fp16's rounding changes the digest. A fused q/k/v projection (OpenCLIP's
+    `attn.in_proj`) is digested as its three row blocks under the q_proj/k_proj/v_proj names that a diffusers folder
+    stores them under, so the two layouts agree."""
+    if ".attn.in_proj." in module_key:
+        return {k: v for name, part in zip("qkv", t.chunk(3)) for k, v in
+                tensor_digests(module_key.replace(".in_proj.", f".{name}_proj."), part).items()}
+    half = t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+    return {module_key: hashlib.sha256(half.reshape(-1).view(torch.uint8).numpy()).hexdigest()}
+
+
+def weights_digest(digests: dict[str, str]) -> str:
+    """One component's digest from its tensors' (in name order, so the file's tensor order does not matter)."""
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(digests.items())).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,8 +295,11 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
         if where[0] in state:
             wanted.append((k, where))
     routes = dict(wanted)
+    digests = {c: {} for c in state if c in IDENTITY}
     for k, t in tf.tensors([k for k, _ in wanted]):
         comp, mkey = routes[k]
+        if comp in digests:  # before the cast: the identity of the weights as stored (svdiff.fingerprint)
+            digests[comp].update(tensor_digests(mkey, t))
         state[comp][mkey] = _cast(t, device, dtype)
     del tf
 
@@ -286,7 +314,7 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
                                          state.pop("text_encoder"), "text encoder", path)
         # A single file carries no vocabulary: --vocab, or the file shipped inside open_clip / clip.
         tokenizer = clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(vocab), clip_text.pad_id_for(family))
-    return modules, tokenizer, family, None
+    return modules, tokenizer, family, None, {c: weights_digest(d) for c, d in digests.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,13 +343,17 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{cfg}: not valid JSON; the diffusers folder is corrupt") from None
 
 
-def _load_component_folder(folder: Path, stem: str, rename, device, dtype) -> dict:
+def _load_component_folder(folder: Path, stem: str, rename, device, dtype, digests=None) -> dict:
+    """One component's tensors, renamed to our module keys and cast; `digests` (a dict) collects their
+    tensor_digests as stored."""
     state = {}
     for file in _weights_file(folder, stem):
         tf = TensorFile(file)
         for k, t in tf.tensors(list(tf.shapes)):
             new = rename(k)
             if new is not None:
+                if digests is not None:
+                    digests.update(tensor_digests(new, t))
                 state[new] = _cast(t, device, dtype)
     return state
 
@@ -337,13 +369,14 @@ def _load_folder(path: Path, device, dtype, components):
     if (path / "text_encoder").is_dir():
         text_cfg = clip_text.config_from_diffusers(_read_config(path / "text_encoder"))
         family = text_cfg.family
-    modules = {}
+    modules, digests = {}, {c: {} for c in components if c in IDENTITY}
     if "unet" in components:
         cfg = unet_lib.config_from_diffusers(_read_config(path / "unet"))
         if cfg.context_dim == 1024:
             family = "sd2"
         state = _load_component_folder(path / "unet", "diffusion_pytorch_model",
-                                       lambda k: unet_lib.diffusers_to_original(k, cfg), device, dtype)
+                                       lambda k: unet_lib.diffusers_to_original(k, cfg), device, dtype,
+                                       digests["unet"])
         modules["unet"] = _build(lambda: unet_lib.UNet(cfg), state, "UNet", path / "unet")
     if "vae" in components:
         vcfg = vae_lib.config_from_diffusers(_read_config(path / "vae"))
@@ -353,7 +386,8 @@ def _load_folder(path: Path, device, dtype, components):
     tokenizer = None
     if "text_encoder" in components:
         state = _load_component_folder(path / "text_encoder", "model",
-                                       lambda k: clip_text.diffusers_to_original(k, text_cfg), device, dtype)
+                                       lambda k: clip_text.diffusers_to_original(k, text_cfg), device, dtype,
+                                       digests["text_encoder"])
         if text_cfg.family == "sd2":
             state = clip_text.fuse_qkv(state)
         modules["text_encoder"] = _build(lambda: clip_text.build_text_encoder(text_cfg), state, "text encoder",
@@ -363,7 +397,7 @@ def _load_folder(path: Path, device, dtype, components):
     sched = path / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         prediction_type = json.loads(sched.read_text()).get("prediction_type")
-    return modules, tokenizer, family, prediction_type
+    return modules, tokenizer, family, prediction_type, {c: weights_digest(d) for c, d in digests.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,12 +417,14 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
     if bad:
         raise ValueError(f"unknown components {sorted(bad)}; choose from {COMPONENTS}")
     if path.is_dir():
-        modules, tokenizer, family, file_prediction = _load_folder(path, device, dtype, components)
+        modules, tokenizer, family, file_prediction, digests = _load_folder(path, device, dtype, components)
     else:
-        modules, tokenizer, family, file_prediction = _load_single_file(path, device, dtype, components, vocab)
+        modules, tokenizer, family, file_prediction, digests = _load_single_file(path, device, dtype, components,
+                                                                                 vocab)
     return StableDiffusion(unet=modules.get("unet"), vae=modules.get("vae"),
                            text_encoder=modules.get("text_encoder"), tokenizer=tokenizer, family=family,
-                           prediction_type=prediction_type or file_prediction or "epsilon", path=str(path))
+                           prediction_type=prediction_type or file_prediction or "epsilon", path=str(path),
+                           digests=digests)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,13 +29,16 @@ VERSION = "1"
 # Shift files: one 1-D δ per shifted weight, keyed by its ORIGINAL checkpoint name
 
 
-def save_shift_file(model, path, half=False, subset="all", rank=None):
-    """δ of every shifted layer, keyed by the weight's ORIGINAL single-file checkpoint name."""
+def save_shift_file(model, path, half=False, subset="all", rank=None, step=None):
+    """δ of every shifted layer, keyed by the weight's ORIGINAL single-file checkpoint name. `step`: the training
+    step the δ belong to (train.py's resume checks it against resume.pt)."""
     from safetensors.torch import save_file
     tensors = {k: m.delta.detach().to(torch.float16 if half else torch.float32).cpu().contiguous()
                for k, m in shifts(model)}
     meta = {"format": FORMAT, "version": VERSION, "family": model.family, "subset": str(subset),
             "rank": str(rank or ""), "fingerprint": fingerprint(model)}
+    if step is not None:
+        meta["step"] = str(step)
     atomic_write(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
 
 
@@ -52,20 +55,26 @@ def read_shift_file(path):
         raise ValueError(f"{path}: not a readable .safetensors shift file ({e})") from None
 
 
-def check_shift_file(model, path, tensors, meta, force=False):
-    if meta.get("family") and meta["family"] != model.family:
-        raise ValueError(f"{path}: shifts for an {meta['family']} model, but the base model is {model.family}")
+FORCE_HINT = "pass the base model it was trained on as --model, or --force to apply it anyway"
+
+
+def check_shift_file(model, path, meta, force=False, hint=FORCE_HINT):
+    """Refuse a shift file made for another base model (family, or the fingerprint of the weights) unless forced;
+    `hint` is the way out, naming the flags of the command that reads the file."""
+    if meta.get("family") and meta["family"] != model.family:  # their layers do not exist here: not forceable
+        raise ValueError(f"{path}: shifts for an {meta['family']} model, but the base model is {model.family}; "
+                         f"pass the {meta['family']} model they were trained on as --model")
     if "fingerprint" not in meta:
         warnings.warn(f"{path} has no base-model fingerprint (written by another tool?); applying it anyway")
     elif meta["fingerprint"] != fingerprint(model) and not force:
         raise ValueError(f"{path}: trained on a different base model (fingerprint {meta['fingerprint']} != "
-                         f"{fingerprint(model)}); use the same base model, or --force to apply anyway")
+                         f"{fingerprint(model)}); {hint}")
 
 
 def load_shift_file(model, path, scale=1.0, force=False):
-    """Set the δ of a model with shifts added from a file (resume; or to continue from shifts)."""
+    """Set the δ of a model with shifts added from a file (to continue from shifts)."""
     tensors, meta = read_shift_file(path)
-    check_shift_file(model, path, tensors, meta, force)
+    check_shift_file(model, path, meta, force)
     layers = dict(shifts(model))
     for k, d in tensors.items():
         if k not in layers:
@@ -124,7 +133,7 @@ def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=No
     """sample.py --shifts A.safetensors[:s] B.safetensors[:s]: ReLU(σ + Σ sᵢδᵢ) (Eq. 4-5), merged once so that
     sampling costs what the base model costs. `cache`: the SVD cache file of add_spectral_shifts."""
     combined, meta = combine_files(specs, mix)
-    check_shift_file(model, specs[0], combined, meta, force)
+    check_shift_file(model, specs[0], meta, force)
     known = {_key(model, component, name) for component, name, _ in shiftable_modules(model)}
     for k in combined:
         if k not in known:

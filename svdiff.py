@@ -310,8 +310,7 @@ class SpectralShift(nn.Module):
 
     @torch.no_grad()
     def drop_weight(self):
-        """Free W (see `drop_weights`); its shape stays, on the meta device, and the fingerprint's summary of it."""
-        self.weight_summary = weight_summary(self.base.weight)
+        """Free W (see `drop_weights`); its shape stays, on the meta device."""
         self.base.weight = nn.Parameter(torch.empty_like(self.base.weight, device="meta"), requires_grad=False)
 
     # -- inference --------------------------------------------------------------------------------------------
@@ -477,6 +476,7 @@ def drop_weights(model) -> int:
     wide cross-attention k/v). Training, sampling with unmerged shifts, shift files and the fingerprint work as
     before; `merge` then writes W_δ = U diag(ReLU(σ+δ)) Vᵀ from the factors (equal to W + ΔW up to the SVD's
     rounding, ≤ 1e-6, instead of bit-exact) and the original weights need a reload. Returns the bytes freed."""
+    fingerprint(model)  # a model built in memory is digested now, while every W is still there
     freed = 0
     for _, m in shifts(model):
         if not m.dropped and m.factored_always():
@@ -507,25 +507,29 @@ def unmerge(model):
 
 
 def fingerprint(model) -> str:
-    """A cheap identity of the base weights (UNet + text encoder): names, shapes and rounded statistics of a
-    strided sample of each tensor — the same for fp16/bf16/fp32 loads of one model, different for another."""
-    h = hashlib.sha256()
-    for component in ("unet", "text_encoder"):
+    """The identity of the base weights (UNet + text encoder) that shift files and the SVD cache are checked against.
+
+    It must not depend on how the model was loaded — fp32, bf16 or fp16, single file or diffusers folder, CPU or
+    CUDA — so that a file trained in bf16 applies to an fp16 load, yet it must change when any weight does (another
+    fine-tune of the same architecture). So it is a digest of the weights AS STORED, each rounded to fp16
+    (`sd.tensor_digests`: published weights are fp32 or fp16 rounded from them, and both round to the same fp16
+    bits), computed by sd.load while it streams the files, before the cast: a bf16 load no longer holds the fp16
+    values. A model built in memory (no digests from sd.load) is digested from its weights on first use. The
+    identity is fixed from then on: it names the weights that were loaded, not later edits such as a merge. (A
+    checkpoint stored in bf16 is coarser than fp16, so it differs from the fp32 original of the same model.)"""
+    import sd
+    for component in sd.IDENTITY:
         root = getattr(model, component)
-        for name, p in (root.named_parameters() if root is not None else []):
-            if name.endswith("delta"):
-                continue
-            # a weight dropped for training (meta) left its summary with its layer: `<layer>.base.weight`
-            summary = root.get_submodule(name.rsplit(".", 2)[0]).weight_summary if p.is_meta else weight_summary(p)
-            h.update(f"{component}.{name.replace('base.', '')}{summary}".encode())
-    return h.hexdigest()[:16]
-
-
-def weight_summary(p: torch.Tensor) -> str:
-    """The fingerprint's view of one tensor: shape, rounded mean and std of a strided sample."""
-    s = p.detach().flatten()[:: max(1, p.numel() // 4096)].double()
-    std = s.std().item() if s.numel() > 1 else 0.0
-    return f"{tuple(p.shape)}{s.mean().item():.3g}{std:.3g}"
+        if root is not None and component not in model.digests:
+            digests = {}
+            for name, p in root.named_parameters():
+                if not name.endswith("delta"):
+                    if p.is_meta:
+                        raise ValueError(f"{component}.{name} was dropped before the model's fingerprint was taken")
+                    digests.update(sd.tensor_digests(name.replace("base.", ""), p))
+            model.digests[component] = sd.weights_digest(digests)
+    h = "".join(f"{c}:{model.digests[c]}\n" for c in sd.IDENTITY if getattr(model, c) is not None)
+    return hashlib.sha256(h.encode()).hexdigest()[:16]
 
 
 SVD_CACHE_LAYOUT = "U,S,Vh"  # a cache of another layout (older: V [n, r]) is recomputed

@@ -158,14 +158,19 @@ SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_sta
 
 def write_folder(path: Path, family: str, bpe_gz: Path, dtype=torch.float32, variant=None, prediction_type=None):
     """A diffusers folder of random models (as save_pretrained writes them); return the oracle models."""
-    o_unet = randomize_(_oracle_unet(family), 11)
-    o_vae = randomize_(_oracle_vae(), 12)
-    o_text = randomize_(_oracle_text(family), 13)
-    for name, m in (("unet", o_unet), ("vae", o_vae), ("text_encoder", o_text)):
+    oracle = dict(unet=randomize_(_oracle_unet(family), 11), vae=randomize_(_oracle_vae(), 12),
+                  text_encoder=randomize_(_oracle_text(family), 13))
+    save_folder(path, oracle, family, bpe_gz, dtype, variant, prediction_type)
+    return oracle
+
+
+def save_folder(path: Path, oracle: dict, family: str, bpe_gz: Path, dtype=torch.float32, variant=None,
+                prediction_type=None):
+    """The oracle models (e.g. those write_single_file returns: the same weights) saved as a diffusers folder."""
+    for name, m in oracle.items():
         m.to(dtype).save_pretrained(path / name, variant=variant)
         m.float()
     write_tokenizer_files(path / "tokenizer", bpe_gz, family)
     sched = dict(SCHEDULER, prediction_type=prediction_type or ("epsilon" if family == "sd1" else "v_prediction"))
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
-    return dict(unet=o_unet, vae=o_vae, text_encoder=o_text)
