@@ -15,6 +15,7 @@ resume.pt, samples/step_XXXXX.png, config.json (the resolved arguments), log.jso
 import argparse
 import json
 import os
+import pickle
 import string
 import sys
 import time
@@ -182,6 +183,10 @@ def check_args(a):
     for name in ("steps", "batch_size", "save_every", "num_class_images", "class_steps"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("lr", "lr_1d", "prior_weight", "unmix_weight"):  # (float32 holds δ, AdamW's steps and the loss)
+        if not 0 <= getattr(a, name) <= torch.finfo(torch.float32).max or (name == "lr" and a.lr == 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'lr' else 'non-negative'} "
+                             f"finite number, got {getattr(a, name)}")
     if a.sample_every < 0:
         raise ValueError("--sample-every must be at least 0 (0: no sample grids)")
     if a.subset not in svdiff.SUBSETS:
@@ -194,6 +199,8 @@ def check_args(a):
         raise ValueError("--resume and --overwrite contradict each other; choose one")
     if a.resume and not (out / "resume.pt").is_file():
         raise ValueError(f"--resume: {out} has no resume.pt to continue from; drop --resume to start afresh")
+    if a.resume:
+        resume_files(out)  # the pair belongs together (checked again, with the model, when resuming)
     if not a.resume and not a.overwrite and out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace")
 
@@ -299,6 +306,8 @@ def train(a, instances=None):
     # 3x3 convs, feed-forward and MLP layers: 3.1 of SD1.5's 3.9 GB; README "Memory").
     svdiff.drop_weights(model)
     optimizer = torch.optim.AdamW(svdiff.param_groups(model, a.lr, a.lr_1d))
+    deltas = [m.delta for _, m in svdiff.shifts(model)]
+    finite = lambda tensors: bool(torch.isfinite(torch.cat([t.detach().flatten() for t in tensors])).all())  # 1 sync
     # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and a.dtype == "fp16")
     if a.grad_checkpointing:
@@ -307,12 +316,7 @@ def train(a, instances=None):
 
     start = 0
     if a.resume:
-        state = torch.load(out / "resume.pt", weights_only=True)
-        shifts.load_shift_file(model, out / "shifts.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+        start = resume_state(model, out, optimizer, scaler, gen)
         # log lines written after the last save are replayed, so drop them
         lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []
         (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start))
@@ -332,15 +336,22 @@ def train(a, instances=None):
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean.device)
         return z * vae_lib.SCALE, idx
 
-    def save(step):
-        shifts.save_shift_file(model, out / "shifts.safetensors", half=a.half, subset=a.subset, rank=a.rank)
-        svdiff.atomic_write(lambda p: torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                                          "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}, p),
-                    out / "resume.pt")
+    def save(step, rng):
+        """The shift file and resume.pt of `step`: δ (fp32 in resume.pt, whatever --half makes of the shift file),
+        AdamW's state, and the random state `rng` taken before step + 1 drew its batch, so a resumed run draws
+        exactly what this one would have."""
+        layers = svdiff.shifts(model)
+        if not finite(deltas):  # never written (the loop checks δ after every step, so this does not happen)
+            raise ValueError(f"the shifts δ are not finite at step {step}; not saved")
+        shifts.save_shift_file(model, out / "shifts.safetensors", half=a.half, subset=a.subset, rank=a.rank,
+                               step=step)
+        state = {"step": step, "delta": {k: m.delta.detach().float().cpu() for k, m in layers},
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "generator": rng[0],
+                 "torch_rng": rng[1]}
+        svdiff.atomic_write(lambda p: torch.save(state, p), out / "resume.pt")
 
     def write_samples(step):
-        prompt = a.sample_prompt or (instance_prompts[0][0] if len(subjects) == 1 else
-                                     f"a {a.token[0]} {a.class_word[0]} sitting beside a {a.token[1]} {a.class_word[1]}")
+        prompt = a.sample_prompt or sample_prompt(a, instance_prompts[0][0])
         model.unet.eval(), model.text_encoder.eval()
         model.unet.record_cross_attention(False)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda):  # the shifted layers, not merged
@@ -349,72 +360,153 @@ def train(a, instances=None):
                                       progress=False)
         model.unet.train(), model.text_encoder.train()
         (out / "samples").mkdir(exist_ok=True)
-        svdiff.atomic_write(lambda p: grid(sd.to_pil(images)).save(p, format="PNG"), out / "samples" / f"step_{step:05d}.png")
+        svdiff.atomic_write(lambda p: grid(sd.to_pil(images)).save(p, format="PNG"),
+                            out / "samples" / f"step_{step:05d}.png")
 
     model.unet.train()
     model.text_encoder.train()
-    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="train")
-    for step in bar:
-        t0 = time.time()
-        # One subject, or (Cut-Mix, with several subjects) a collage of two, left and right in random order
-        collage = len(subjects) >= 2 and float(torch.rand((), generator=gen)) < a.cutmix_prob
-        if collage:
-            left, right = torch.randperm(len(subjects), generator=gen)[:2].tolist()
-            z = svdiff.cutmix(sample_latents(instance_latents[left], a.batch_size)[0],
-                              sample_latents(instance_latents[right], a.batch_size)[0])
-            names = [f"{a.token[i]} {a.class_word[i]}" for i in (left, right)]
-            prompt = a.cutmix_prompt.format(left=names[0], right=names[1])
-            prompts = [prompt] * a.batch_size
-            positions = [(svdiff.token_positions(model.tokenizer, prompt, a.token[i]), side)
-                         for i, side in ((left, "left"), (right, "right"))]
-        else:
-            s = int(torch.randint(len(subjects), (1,), generator=gen))
-            z, idx = sample_latents(instance_latents[s], a.batch_size)
-            prompts = [instance_prompts[s][i] for i in idx.tolist()]
-        if a.prior_weight > 0:  # the class images, made the same way
+    with tqdm(initial=start, total=a.steps, desc="train") as bar:  # closed before an error line is printed
+        # `done` steps are done and δ is δ_done. Each pass computes the loss of δ_done on a fresh batch, then takes
+        # step done + 1. A save of δ_done waits for that loss: only shifts that gave a finite loss are written. So the
+        # loop makes one last pass, without a step, to judge the final δ.
+        for done in range(start, a.steps + 1):
+            last = done == a.steps
+            rng = (gen.get_state(), torch.get_rng_state())  # what a resumed run must start this pass from
+            t0 = time.time()
+            # One subject, or (Cut-Mix, with several subjects) a collage of two, left and right in random order
+            chosen = draw_subjects(gen, len(subjects), a.cutmix_prob)
+            collage = len(chosen) == 2
             if collage:
-                zc = svdiff.cutmix(sample_latents(class_latents[left], a.batch_size)[0],
-                                   sample_latents(class_latents[right], a.batch_size)[0])
-                prompts += [a.cutmix_prompt.format(left=a.class_word[left], right=a.class_word[right])] * a.batch_size
+                left, right = chosen
+                z = svdiff.cutmix(sample_latents(instance_latents[left], a.batch_size)[0],
+                                  sample_latents(instance_latents[right], a.batch_size)[0])
+                prompt, class_prompt = cutmix_prompts(a, left, right)
+                prompts = [prompt] * a.batch_size
+                positions = [(svdiff.token_positions(model.tokenizer, prompt, a.token[i]), side)
+                             for i, side in ((left, "left"), (right, "right"))]
             else:
-                zc = sample_latents(class_latents[s], a.batch_size)[0]
-                prompts += [class_prompts[s]] * a.batch_size
-            z = torch.cat([z, zc])
-        noise = torch.randn(z.shape, generator=gen).to(a.device)
-        t = torch.randint(0, len(alphas), (len(z),), generator=gen).to(a.device)
-        x_t = ddim.add_noise(z, noise, t, alphas)
-        target = noise if model.prediction_type == "epsilon" else ddim.velocity(z, noise, t, alphas)
-        unmix = collage  # recorded on every collage, so that log.jsonl shows it even with --unmix-weight 0
-        model.unet.record_cross_attention(unmix)
-        with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda):
-            context = sd.encode_prompts(model, prompts)
-            pred = model.unet(x_t.to(context.dtype), t, context).float()
-        n = a.batch_size
-        loss, prior_loss = svdiff.prior_preservation_loss(pred[:n], target[:n], pred[n:], target[n:], a.prior_weight)
-        unmix_loss = None
-        if unmix:  # only the subjects' rows: class collages have no subject tokens
-            unmix_loss = svdiff.unmix_loss(model.unet.cross_attention_probs(), [positions] * n, *z.shape[-2:])
-            loss = loss + a.unmix_weight * unmix_loss
-        if not torch.isfinite(loss):
-            raise ValueError(f"the loss became {loss.item()} at step {step + 1}; stopped. The last good shift file "
-                             f"is kept in {out}; lower --lr or use --dtype fp32/bf16")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        seconds = time.time() - t0
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": step + 1, "loss": loss.detach().item(), "prior_loss": float(prior_loss.detach()),
-                                "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
-                                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            save(step + 1)
-        if a.sample_every and ((step + 1) % a.sample_every == 0 or step + 1 == a.steps):
-            write_samples(step + 1)
+                s, = chosen
+                z, idx = sample_latents(instance_latents[s], a.batch_size)
+                prompts = [instance_prompts[s][i] for i in idx.tolist()]
+                class_prompt = class_prompts[s]
+            if a.prior_weight > 0:  # the class images, made the same way
+                zc = svdiff.cutmix(sample_latents(class_latents[left], a.batch_size)[0],
+                                   sample_latents(class_latents[right], a.batch_size)[0]) if collage else \
+                    sample_latents(class_latents[s], a.batch_size)[0]
+                prompts += [class_prompt] * a.batch_size
+                z = torch.cat([z, zc])
+            noise = torch.randn(z.shape, generator=gen).to(a.device)
+            t = torch.randint(0, len(alphas), (len(z),), generator=gen).to(a.device)
+            x_t = ddim.add_noise(z, noise, t, alphas)
+            target = noise if model.prediction_type == "epsilon" else ddim.velocity(z, noise, t, alphas)
+            unmix = collage  # recorded on every collage, so that log.jsonl shows it even with --unmix-weight 0
+            model.unet.record_cross_attention(unmix)
+            with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda), torch.set_grad_enabled(not last):
+                context = sd.encode_prompts(model, prompts)
+                pred = model.unet(x_t.to(context.dtype), t, context).float()
+            n = a.batch_size
+            loss, prior_loss = svdiff.prior_preservation_loss(pred[:n], target[:n], pred[n:], target[n:],
+                                                              a.prior_weight)
+            unmix_loss = None
+            if unmix:  # only the subjects' rows: class collages have no subject tokens
+                unmix_loss = svdiff.unmix_loss(model.unet.cross_attention_probs(), [positions] * n, *z.shape[-2:])
+                loss = loss + a.unmix_weight * unmix_loss
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} with the shifts of step {done}; stopped. "
+                                 f"{kept(out)} Lower --lr, or use --dtype fp32/bf16")
+            if done > start and (done % a.save_every == 0 or last):  # δ_done gave a finite loss: keep it
+                save(done, rng)
+            if last:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if not finite(deltas):
+                raise ValueError(f"the shifts δ became non-finite at step {done + 1}; stopped. {kept(out)} Lower --lr")
+            seconds = time.time() - t0
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": done + 1, "loss": loss.detach().item(),
+                                    "prior_loss": float(prior_loss.detach()),
+                                    "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
+                                    "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}) + "\n")
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if a.sample_every and ((done + 1) % a.sample_every == 0 or done + 1 == a.steps):
+                write_samples(done + 1)
     model.unet.eval(), model.text_encoder.eval()
     model.unet.record_cross_attention(False)
     return model
+
+
+def kept(out: Path) -> str:
+    """What a stopped run leaves: the last shift file whose δ gave a finite loss, if any."""
+    f = out / "shifts.safetensors"
+    if not f.is_file():
+        return "No shift file had been saved yet."
+    return f"The last good shift file is kept: {f} (step {shifts.read_shift_file(f)[1].get('step', '?')})."
+
+
+def resume_state(model, out: Path, optimizer, scaler, gen) -> int:
+    """--resume: δ, AdamW's state, the fp16 loss scale and the random state from resume.pt (δ in fp32 even with --half), after checking
+    that the shift file beside it belongs to the same step and that the base model is the one it was trained on.
+    Returns the step to continue from."""
+    state, meta = resume_files(out)
+    shifts.check_shift_file(model, out / "shifts.safetensors", meta,
+                            hint="resume with the --model of the interrupted run, or pass --overwrite to start afresh")
+    layers = dict(svdiff.shifts(model))
+    if set(layers) != set(state["delta"]):
+        raise ValueError(f"--resume: {out / 'resume.pt'} holds shifts of other layers; resume with the --subset and "
+                         "--rank of the interrupted run, or pass --overwrite to start afresh")
+    with torch.no_grad():
+        for k, m in layers.items():
+            m.delta.copy_(state["delta"][k])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler.is_enabled() and state.get("scaler"):  # fp16 loss scaling (an empty dict where it was off)
+        scaler.load_state_dict(state["scaler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def resume_files(out: Path):
+    """resume.pt and the shift file's metadata, refused unless both belong to the same step (a shift file from
+    elsewhere, or a run stopped between the two writes, is never mixed with the optimizer state of another step)."""
+    try:
+        state = torch.load(out / "resume.pt", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:  # what torch.load raises on a bad file
+        raise ValueError(f"--resume: {out / 'resume.pt'} cannot be read ({type(e).__name__}); pass --overwrite to "
+                         "start afresh") from None
+    path = out / "shifts.safetensors"
+    _, meta = shifts.read_shift_file(path) if path.is_file() else (None, {})
+    if "delta" not in state or meta.get("step") != str(state["step"]):
+        raise ValueError(f"--resume: {path} is of step {meta.get('step', 'none')} but resume.pt of step "
+                         f"{state.get('step')}; they do not belong together. Pass --overwrite to start afresh")
+    return state, meta
+
+
+def draw_subjects(gen, n_subjects: int, cutmix_prob: float) -> list[int]:
+    """Which subjects a training example shows: with several subjects and probability `cutmix_prob`, a Cut-Mix
+    collage of two different ones, [left, right] in random order (§3.3); else one, [s], drawn uniformly."""
+    if n_subjects >= 2 and float(torch.rand((), generator=gen)) < cutmix_prob:
+        return torch.randperm(n_subjects, generator=gen)[:2].tolist()
+    return [int(torch.randint(n_subjects, (1,), generator=gen))]
+
+
+def cutmix_prompts(a, left: int, right: int) -> tuple[str, str]:
+    """The prompts of a collage: --cutmix-prompt naming each subject with its place ("a photo of a sks dog on the
+    left and a zwx sculpture on the right"), and the same with the class words alone for the prior collage."""
+    names = [f"{a.token[i]} {a.class_word[i]}" for i in (left, right)]
+    return (a.cutmix_prompt.format(left=names[0], right=names[1]),
+            a.cutmix_prompt.format(left=a.class_word[left], right=a.class_word[right]))
+
+
+def sample_prompt(a, first_instance_prompt: str) -> str:
+    """The sample grids' default prompt: the first instance prompt, or with several subjects a composition of the
+    first two, "a {token1} {class1} sitting beside a {token2} {class2}"."""
+    if len(a.images) == 1:
+        return first_instance_prompt
+    return f"a {a.token[0]} {a.class_word[0]} sitting beside a {a.token[1]} {a.class_word[1]}"
 
 
 def main(argv=None):

@@ -167,3 +167,42 @@ def test_short_two_subject_run_lowers_the_unmix_loss_and_logs_it(two_subjects):
     before, after = fixed_unmix_loss(root), fixed_unmix_loss(root, out / "shifts.safetensors")
     assert after < 0.85 * before, (before, after)
     assert json.loads((out / "config.json").read_text())["class_word"] == ["dog", "sculpture"]
+
+
+def two_subject_args():
+    return train.parse_args(["--images", "photos/dog", "--token", "sks", "--images", "photos/sculpture",
+                             "--token", "zwx", "--class-word", "dog", "--class-word", "sculpture"])
+
+
+def test_collage_prompts_name_each_subject_with_its_place_in_both_orders():
+    a = two_subject_args()
+    assert train.cutmix_prompts(a, 0, 1) == ("a photo of a sks dog on the left and a zwx sculpture on the right",
+                                             "a photo of a dog on the left and a sculpture on the right")
+    assert train.cutmix_prompts(a, 1, 0) == ("a photo of a zwx sculpture on the left and a sks dog on the right",
+                                             "a photo of a sculpture on the left and a dog on the right")
+    a.cutmix_prompt = "{right} beside {left}"
+    assert train.cutmix_prompts(a, 0, 1) == ("zwx sculpture beside sks dog", "sculpture beside dog")
+
+
+def test_sample_grids_show_a_composition_of_two_subjects():
+    a = two_subject_args()
+    assert train.sample_prompt(a, "a photo of sks dog") == "a sks dog sitting beside a zwx sculpture"
+    one = train.parse_args(["--images", "photos/dog", "--token", "sks"])
+    assert train.sample_prompt(one, "a photo of sks dog") == "a photo of sks dog"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.6, 1.0])
+def test_collages_come_with_the_cutmix_probability_two_different_subjects_in_both_orders(p):
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    draws = [train.draw_subjects(g, 3, p) for _ in range(n)]
+    collages = [d for d in draws if len(d) == 2]
+    assert abs(len(collages) / n - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 1e-9  # within 4 standard deviations
+    assert all(left != right for left, right in collages)
+    if collages:  # every ordered pair of the 3 subjects, about equally often
+        pairs = {pair: sum(tuple(c) == pair for c in collages) for pair in
+                 [(i, j) for i in range(3) for j in range(3) if i != j]}
+        assert min(pairs.values()) > 0.7 * len(collages) / 6, pairs
+    singles = [d[0] for d in draws if len(d) == 1]
+    assert len(singles) == n - len(collages) and (not singles or set(singles) == {0, 1, 2})
+    assert all(len(train.draw_subjects(g, 1, 1.0)) == 1 for _ in range(10))  # one subject: never a collage

@@ -45,10 +45,11 @@ def common(setup, out, steps=30, *extra):
             "--steps", steps, "--no-prior", "--sample-every", 1000, "--sample-steps", 2, "--out", out, *extra]
 
 
-def instance_loss(setup, shift_file=None):
-    """ε-MSE on the instance images at FIXED noise and timesteps, with or without the trained shifts."""
+def instance_loss(setup, shift_file=None, model=None):
+    """The diffusion loss (ε-MSE, or v-MSE for a v-prediction model) on the instance images at FIXED noise and
+    timesteps, with or without the trained shifts."""
     from conftest import load_with_shifts
-    model = load_with_shifts(setup / "model", shift_file)
+    model = load_with_shifts(model or setup / "model", shift_file)
     images, _ = train.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
@@ -57,7 +58,8 @@ def instance_loss(setup, shift_file=None):
         t = torch.randint(0, 1000, (len(z),), generator=g)
         ctx = sd.encode_prompts(model, ["a photo of sks dog"] * len(z))
         pred = model.unet(ddim.add_noise(z, noise, t, ddim.alphas_cumprod()), t, ctx)
-    return torch.nn.functional.mse_loss(pred, noise).item()
+    target = noise if model.prediction_type == "epsilon" else ddim.velocity(z, noise, t, ddim.alphas_cumprod())
+    return torch.nn.functional.mse_loss(pred, target).item()
 
 
 def test_training_lowers_the_instance_loss_and_writes_the_promised_files(setup):
@@ -119,12 +121,114 @@ def test_killed_run_resumes_to_the_same_final_step_and_log(setup):
     assert torch.load(out / "resume.pt", weights_only=True)["step"] == 40
 
 
+def resume_delta(out):
+    return torch.load(out / "resume.pt", weights_only=True)["delta"]
+
+
+def losses(out):
+    return [(l["step"], l["loss"], l["prior_loss"]) for l in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+
+def test_resumed_run_ends_bit_exact_as_the_uninterrupted_run_from_the_fp32_delta(setup):
+    """Stopped at step 4 and resumed to 6, with --half shift files (so resuming from the file's fp16 δ would show)
+    and every source of randomness in play (--flip, latent sampling, noise, timesteps)."""
+    flags = ["--save-every", 2, "--half", "--flip", "--lr", "5e-3"]
+    whole, part = setup / "whole", setup / "part"
+    assert run(*common(setup, whole, 6, *flags)).returncode == 0
+    assert run(*common(setup, part, 4, *flags)).returncode == 0
+    r = run(*common(setup, part, 6, *flags, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = resume_delta(whole), resume_delta(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(part) == losses(whole) and [s for s, _, _ in losses(part)] == list(range(1, 7))
+    (fa, ma), (fb, mb) = (shifts.read_shift_file(o / "shifts.safetensors") for o in (whole, part))
+    assert ma == mb and all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert any(not torch.equal(d.half().float(), d) for d in a.values())  # the fp16 file would have differed
+
+
+def test_resume_refuses_a_shift_file_of_another_step(setup):
+    from safetensors.torch import load_file, save_file
+    out = setup / "mismatched"
+    assert run(*common(setup, out, 4, "--save-every", 2)).returncode == 0
+    tensors, meta = shifts.read_shift_file(out / "shifts.safetensors")
+    save_file(tensors, str(out / "shifts.safetensors"), metadata=dict(meta, step="2"))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = run(*common(setup, out, 6, "--resume"))
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "do not belong together" in errors[0], r.stderr[-2000:]
+    assert "--overwrite" in errors[0] and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def diverge_at(monkeypatch, step, value):
+    """AdamW whose `step`-th step sets every δ to `value` (as an exploding run would)."""
+    real = torch.optim.AdamW.step
+    calls = []
+
+    def step_then_diverge(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == step:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(value)
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_diverge)
+
+
+@pytest.mark.parametrize("value,words", [(1e30, "loss became"), (float("nan"), "δ became non-finite at step 3")])
+def test_a_diverging_run_keeps_the_last_shift_file_whose_delta_and_loss_were_finite(setup, monkeypatch, value, words):
+    """δ_3 = 1e30 is finite but gives an infinite loss; δ_3 = NaN is caught before any save. Either way the kept
+    file is step 2's, bit-exact as a clean 2-step run's."""
+    clean = setup / "clean2"
+    if not (clean / "resume.pt").is_file():
+        assert run(*common(setup, clean, 2, "--save-every", 1)).returncode == 0
+    out = setup / f"diverged-{value}"
+    a = train.resolve(train.parse_args(list(map(str, common(setup, out, 5, "--save-every", 1, "--overwrite")))))
+    diverge_at(monkeypatch, 3, value)
+    with pytest.raises(ValueError, match=words) as e:
+        train.train(a)
+    assert "step 2" in str(e.value)  # the message names the kept file's step
+    tensors, meta = shifts.read_shift_file(out / "shifts.safetensors")
+    assert meta["step"] == "2" and torch.load(out / "resume.pt", weights_only=True)["step"] == 2
+    reference, _ = shifts.read_shift_file(clean / "shifts.safetensors")
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+
+
+def test_sd2_v_prediction_trains_on_the_v_target_and_lowers_the_v_loss(setup, tmp_path, monkeypatch):
+    """A tiny SD2 model whose scheduler says v_prediction: the target handed to the loss is
+    v = √ᾱ_t ε - √(1-ᾱ_t) x_0 of the very z, ε, t that were noised, and a short run lowers the v-MSE."""
+    from conftest import require_bpe_vocab
+    folder = tmp_path / "sd2"
+    tiny.write_folder(folder, "sd2", require_bpe_vocab(), prediction_type="v_prediction")
+    out = tmp_path / "run"
+    a = train.resolve(train.parse_args(list(map(str, [
+        "--images", setup / "dog", "--token", "sks", "--model", folder, "--resolution", 64, "--steps", 25,
+        "--lr", "5e-3", "--no-prior", "--sample-every", 0, "--out", out]))))
+    seen = []
+    real_add_noise, real_loss = ddim.add_noise, svdiff.prior_preservation_loss
+    monkeypatch.setattr(ddim, "add_noise", lambda z, noise, t, al: seen.append([z, noise, t]) or real_add_noise(z, noise, t, al))
+    monkeypatch.setattr(svdiff, "prior_preservation_loss",
+                        lambda pred, target, *rest: seen[-1].append(target) or real_loss(pred, target, *rest))
+    train.train(a)
+    monkeypatch.undo()
+    A = ddim.alphas_cumprod()
+    for z, noise, t, target in seen:
+        al = A[t].reshape(-1, 1, 1, 1)
+        assert torch.allclose(target, al.sqrt() * noise - (1 - al).sqrt() * z, atol=1e-6)
+    assert not torch.allclose(seen[0][3], seen[0][1])  # not the ε target
+    before, after = instance_loss(setup, model=folder), instance_loss(setup, out / "shifts.safetensors", model=folder)
+    assert after < 0.9 * before, (before, after)
+
+
 @pytest.mark.parametrize("case,words", [
     ("missing folder", "no such folder"),
     ("empty folder", "no usable images"),
     ("no model", "SVDIFF_MODEL"),
     ("resolution", "multiple of 8"),
-    ("nan", "at step 2"),
+    ("nan", "with the shifts of step 1"),
+    ("learning rate", "--lr must be a positive finite number"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, words):
     out = tmp_path / "out"
@@ -142,8 +246,10 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
         env = {"SVDIFF_MODEL": ""}
     elif case == "resolution":
         args[args.index("--resolution") + 1] = "100"
+    elif case == "learning rate":
+        args += ["--lr", "1e39"]  # beyond float32
     elif case == "nan":
-        args += ["--lr", "1e30", "--save-every", "1"]  # step 1 saves, then δ explodes
+        args += ["--lr", "1e30", "--save-every", "1"]  # δ_1 = ±1e30: finite, but its loss is not
     r = run(*args, env=env)
     assert r.returncode == 1, r.stderr[-2000:]
     assert words in r.stderr and "Traceback" not in r.stderr
@@ -151,10 +257,9 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
     assert len(errors) == 1
     if case != "nan":
         assert not out.exists()
-    else:  # the last good shift file is kept
-        assert "stopped" in errors[0]
-        tensors, _ = shifts.read_shift_file(out / "shifts.safetensors")
-        assert all(torch.isfinite(t).all() for t in tensors.values())
+    else:  # no shift file whose δ gave a finite loss existed yet, so none was written
+        assert "stopped" in errors[0] and "No shift file" in errors[0]
+        assert not (out / "shifts.safetensors").exists()
 
 
 def test_common_word_token_warns(setup, tmp_path):
