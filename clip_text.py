@@ -419,9 +419,9 @@ def config_from_shapes(shapes: dict, family: str, sdxl: bool = False) -> TextCon
                           shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0], "quick_gelu", final_norm=not sdxl)
     tok = shapes["token_embedding.weight"]
     blocks = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("transformer.resblocks."))
-    return TextConfig("sd2", tok[0], shapes["positional_embedding.weight"][0], tok[1],
-                      blocks if sdxl else blocks - 1, tok[1] // 64, shapes["transformer.resblocks.0.mlp.c_fc.weight"][0],
-                      "gelu", final_norm=not sdxl, projection_dim=shapes["text_projection"][1] if sdxl else 0)
+    return TextConfig("sd2", tok[0], shapes["positional_embedding.weight"][0], tok[1], blocks if sdxl else blocks - 1,
+                      tok[1] // 64, shapes["transformer.resblocks.0.mlp.c_fc.weight"][0], "gelu",
+                      final_norm=not sdxl, projection_dim=shapes["text_projection"][1] if sdxl else 0)
 
 
 def config_from_diffusers(cfg: dict, sdxl: bool = False) -> TextConfig:

@@ -26,8 +26,8 @@ class UNetConfig:
     attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer after each ResBlock; SD: all but the last
     num_heads: int | None = 8          # SD1: 8 heads everywhere, so the head dim grows with the channels
     head_dim: int | None = None        # SD2: head dim 64 everywhere, so the head count grows with the channels
-    transformer_depth: int | tuple = 1  # blocks per SpatialTransformer: one for all levels, or one per level
-    transformer_depth_middle: int = 1  # (SDXL: (0, 2, 10) -- level 0 has no attention -- and 10 in the middle)
+    transformer_depth: int | tuple = 1  # blocks per SpatialTransformer: one for all levels (SD1/SD2) or per level
+    transformer_depth_middle: int = 1  # (SDXL: (0, 2, 10), level 0 having no attention, and 10 in the middle)
     context_dim: int = 768             # text width: 768 (CLIP ViT-L) SD1, 1024 (OpenCLIP ViT-H) SD2, 2048 SDXL
     linear_proj: bool = False          # SD2/SDXL: Linear proj_in/proj_out (applied after flattening); SD1 1x1 convs
     upcast_attention: bool = False     # SD2 in fp16 overflows in q·k: attention is computed in fp32

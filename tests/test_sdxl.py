@@ -20,8 +20,11 @@ SIZES = dict(original_size=[(768, 1024), (1024, 512)], crop_top_left=[(32, 0), (
 
 
 @pytest.fixture(scope="module")
-def checkpoint():
-    return tiny.sdxl_checkpoint()
+def checkpoint(tmp_path_factory):
+    """(the tensors of a tiny sd_xl_base_1.0.safetensors, the oracle models)"""
+    path = tmp_path_factory.mktemp("sdxl_file") / "sd_xl_tiny.safetensors"
+    oracle = tiny.write_sdxl_single_file(path)
+    return load_file(path), oracle
 
 
 @pytest.fixture(scope="module")
