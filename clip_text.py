@@ -1,10 +1,13 @@
-"""The text side of Stable Diffusion: the CLIP BPE tokenizer and the two text encoders.
+"""The text side of Stable Diffusion: the CLIP BPE tokenizer and the two kinds of text encoder.
 
-SD1 conditions on OpenAI CLIP ViT-L/14 (its last layer), SD2 on OpenCLIP ViT-H/14 (its penultimate layer).
-Module names are the original checkpoint's keys minus `cond_stage_model.transformer.` (SD1, Hugging Face
-names) or `cond_stage_model.model.` (SD2, OpenCLIP names), with two renames so that every matrix lives in a
-module: SD2's fused `attn.in_proj_weight` is the nn.Linear `attn.in_proj`, and `positional_embedding` is an
-nn.Embedding. Facts: shared/reference/sd_weights_and_sampling.md §2-3.
+SD1 conditions on OpenAI CLIP ViT-L/14 (its last layer), SD2 on OpenCLIP ViT-H/14 (its penultimate layer),
+SDXL on both kinds at once: ViT-L/14 and OpenCLIP ViT-bigG/14, each's penultimate layer without the final norm,
+concatenated, plus bigG's pooled and projected EOS state (for the UNet's label_emb).
+Module names are the original checkpoint's keys minus `cond_stage_model.transformer.` (SD1) /
+`conditioner.embedders.0.transformer.` (SDXL) for Hugging Face names, or `cond_stage_model.model.` (SD2) /
+`conditioner.embedders.1.model.` (SDXL) for OpenCLIP names, with two renames so that every matrix lives in a
+module: OpenCLIP's fused `attn.in_proj_weight` is the nn.Linear `attn.in_proj`, and `positional_embedding` is
+an nn.Embedding. Facts: shared/reference/sd_weights_and_sampling.md §2-3, §8.
 """
 import gzip
 import importlib.util
@@ -26,7 +29,8 @@ SPECIAL = {"<|startoftext|>": BOS, "<|endoftext|>": EOS}
 
 
 def pad_id_for(family: str) -> int:
-    # SD1 (transformers' tokenizer) pads with <|endoftext|>; SD2 (open_clip.tokenize) with 0, the id of "!".
+    """The pad id of a text encoder's tokenizer, by the encoder's TextConfig.family: "sd1" (ViT-L: SD1 and SDXL's
+    tokenizer/) pads with <|endoftext|>; "sd2" (OpenCLIP: SD2 and SDXL's tokenizer_2/) with 0, the id of "!"."""
     return EOS if family == "sd1" else 0
 
 
@@ -63,16 +67,15 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 
 def pre_tokenize(text: str) -> list[str]:
-    """CLIP's pattern `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`,
-    scanned by hand: the standard `re` module has no \\p{L} / \\p{N}, and `regex` would be a new dependency."""
+    """CLIP's pattern `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`, scanned by hand: the
+    standard `re` module has no \\p{L} / \\p{N}, and `regex` would be a new dependency. (The pattern's special
+    tokens are cut out before, by Tokenizer.encode.)"""
     words, i = [], 0
     while i < len(text):
-        rest = text[i:]
-        special = next((s for s in SPECIAL if rest.startswith(s)), None)
-        contraction = next((c for c in CONTRACTIONS if rest.startswith(c)), None)
-        if special or contraction:  # alternatives are tried in order at each position, like the regex
-            words.append(special or contraction)
-            i += len(words[-1])
+        contraction = next((c for c in CONTRACTIONS if text.startswith(c, i)), None)
+        if contraction:  # alternatives are tried in order at each position, like the regex
+            words.append(contraction)
+            i += len(contraction)
             continue
         kind = _kind(text[i])
         if kind == "S":
@@ -98,7 +101,14 @@ class Tokenizer:
         self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.pad_id = pad_id
         self.byte_chars = bytes_to_unicode()
-        self.cache = dict(SPECIAL)
+        self.cache = {}
+        # Special tokens are cut out of the raw text first, as transformers does with its added tokens. The pad
+        # token is one of them: where it is "!" (SD2, SDXL's tokenizer_2) every "!" of a prompt is id 0 in
+        # diffusers, not the BPE of the "!" run that open_clip's tokenizer (used in training) gives. We follow
+        # diffusers.
+        pad = next(token for token, i in encoder.items() if i == pad_id)
+        self.special = SPECIAL | {pad: pad_id}
+        self.special_pattern = re.compile("(" + "|".join(re.escape(t) for t in self.special) + ")")
 
     @classmethod
     def from_folder(cls, tokenizer_dir, pad_id: int):
@@ -146,11 +156,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> BPE ids, without BOS/EOS."""
         ids = []
-        for word in pre_tokenize(normalize(text)):
-            if word not in self.cache:
-                chars = "".join(self.byte_chars[b] for b in word.encode("utf-8"))
-                self.cache[word] = [self.encoder[s] for s in self.bpe(chars)]
-            ids += self.cache[word] if isinstance(self.cache[word], list) else [self.cache[word]]
+        for piece in self.special_pattern.split(text):  # odd pieces are the special tokens
+            if piece in self.special:
+                ids.append(self.special[piece])
+                continue
+            for word in pre_tokenize(normalize(piece)):
+                if word not in self.cache:
+                    chars = "".join(self.byte_chars[b] for b in word.encode("utf-8"))
+                    self.cache[word] = [self.encoder[s] for s in self.bpe(chars)]
+                ids += self.cache[word]
         return ids
 
     def __call__(self, prompts) -> torch.Tensor:
@@ -200,14 +214,21 @@ def find_bpe_vocab(vocab=None) -> Path:
 
 @dataclass
 class TextConfig:
-    family: str = "sd1"         # "sd1": OpenAI CLIP ViT-L/14, last layer; "sd2": OpenCLIP ViT-H/14, penultimate
+    family: str = "sd1"         # the kind of encoder, named after the SD that brought it: "sd1" = OpenAI CLIP
+                                # ViT-L/14 in Hugging Face names (SD1; SDXL's first); "sd2" = OpenCLIP names (SD2's
+                                # ViT-H/14; SDXL's second, ViT-bigG/14)
     vocab_size: int = 49408
     context_length: int = 77
-    width: int = 768            # 1024 for ViT-H
-    layers: int = 12            # blocks RUN: SD2 runs 23 of ViT-H's 24 (the penultimate layer conditions the UNet)
-    heads: int = 12             # width / 64 in both models
+    width: int = 768            # 1024 for ViT-H, 1280 for bigG
+    layers: int = 12            # blocks BUILT: those that run. SD2 runs 23 of ViT-H's 24, SDXL 11 of ViT-L's 12
+                                # (the penultimate layer conditions the UNet); SDXL's bigG all 32 (see projection_dim)
+    heads: int = 12             # width / 64 in all three models
     intermediate: int = 3072    # 4 x width
-    act: str = "quick_gelu"     # OpenAI CLIP: x·σ(1.702x); OpenCLIP ViT-H: exact gelu
+    act: str = "quick_gelu"     # OpenAI CLIP: x·σ(1.702x); OpenCLIP: exact gelu
+    final_norm: bool = True     # the UNet's context passes the final LayerNorm (SD1, SD2); SDXL: the raw block output
+    projection_dim: int = 0     # SDXL's bigG: the width of text_projection. Forward then returns (context, pooled):
+                                # the context is the PENULTIMATE block's output, and the last block, ln_final and
+                                # text_projection make the pooled embedding of the EOS token.
 
 
 def causal_self_attention(q, k, v, heads: int, use_sdpa: bool = True):
@@ -281,14 +302,17 @@ class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.embeddings, self.encoder = CLIPEmbeddings(cfg), CLIPEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.width)
+        self.final_layer_norm = nn.LayerNorm(cfg.width) if cfg.final_norm else None  # unused by SDXL: not built
 
 
 class CLIPTextModel(nn.Module):
-    """SD1's text encoder: the last layer's states after the final LayerNorm."""
+    """OpenAI CLIP ViT-L/14. SD1: the last layer's states after the final LayerNorm; SDXL: the penultimate
+    layer's states as they are (cfg.layers = 11, final_norm off)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        if cfg.projection_dim:
+            raise ValueError("a pooled projection is only modelled for OpenCLIP encoders (SDXL's bigG)")
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
@@ -296,7 +320,7 @@ class CLIPTextModel(nn.Module):
         x = self.text_model.embeddings(ids)
         for layer in self.text_model.encoder.layers:
             x = layer(x)
-        return self.text_model.final_layer_norm(x)
+        return self.text_model.final_layer_norm(x) if self.cfg.final_norm else x
 
 
 # SD2: OpenCLIP names ------------------------------------------------------------------------------------------
@@ -341,8 +365,12 @@ class OpenCLIPTransformer(nn.Module):
 
 
 class OpenCLIPText(nn.Module):
-    """SD2's text encoder: OpenCLIP ViT-H's PENULTIMATE block, then ln_final (FrozenOpenCLIPEmbedder
-    layer="penultimate"). Only the blocks that run are built; the file's last block and projection are unused."""
+    """An OpenCLIP text encoder.
+    SD2 (ViT-H): the PENULTIMATE block's states, then ln_final (FrozenOpenCLIPEmbedder layer="penultimate"). Only
+    the blocks that run are built; the file's last block and projection are unused.
+    SDXL (bigG, cfg.projection_dim set): everything runs (FrozenOpenCLIPEmbedder2, legacy=False). Returns
+    (context, pooled): context = the penultimate block's states WITHOUT ln_final; pooled = the last block's
+    states, ln_final, at the EOS token (the highest id: argmax), times text_projection."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -350,13 +378,25 @@ class OpenCLIPText(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Embedding(cfg.context_length, cfg.width)
         self.transformer = OpenCLIPTransformer(cfg)
-        self.ln_final = nn.LayerNorm(cfg.width)
+        self.ln_final = nn.LayerNorm(cfg.width) if cfg.final_norm or cfg.projection_dim else None
+        if cfg.projection_dim:
+            # kept as the original's bare [width, proj] matrix (x @ P), so a single file loads by name alone;
+            # a Hugging Face folder holds its transpose (Linear weight), see openclip_from_hf
+            self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.projection_dim) * cfg.width ** -0.5)
 
     def forward(self, ids):
         x = self.token_embedding(ids) + self.positional_embedding(torch.arange(ids.shape[1], device=ids.device))
-        for block in self.transformer.resblocks:
+        blocks = self.transformer.resblocks
+        context_blocks = len(blocks) - 1 if self.cfg.projection_dim else len(blocks)
+        for block in blocks[:context_blocks]:
             x = block(x)
-        return self.ln_final(x)
+        context = self.ln_final(x) if self.cfg.final_norm else x
+        if not self.cfg.projection_dim:
+            return context
+        for block in blocks[context_blocks:]:
+            x = block(x)
+        eos = self.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        return context, eos @ self.text_projection.to(eos.dtype)
 
 
 def build_text_encoder(cfg: TextConfig) -> nn.Module:
@@ -367,27 +407,35 @@ def build_text_encoder(cfg: TextConfig) -> nn.Module:
 # Configuration and key rules
 
 
-def config_from_shapes(shapes: dict, family: str) -> TextConfig:
-    """Architecture from tensor shapes (our module keys). Heads = width / 64 in both CLIP models."""
+def config_from_shapes(shapes: dict, family: str, sdxl: bool = False) -> TextConfig:
+    """Architecture from a single file's tensor shapes (our module keys, all the file's blocks). Heads = width / 64
+    in all CLIP models. family: "sd1" (Hugging Face names) or "sd2" (OpenCLIP names); sdxl: the encoder is one of
+    SDXL's (penultimate layer without the final norm; bigG also pooled)."""
     if family == "sd1":
         tok = shapes["text_model.embeddings.token_embedding.weight"]
         layers = 1 + max(int(k.split(".")[3]) for k in shapes if k.startswith("text_model.encoder.layers."))
         return TextConfig("sd1", tok[0], shapes["text_model.embeddings.position_embedding.weight"][0], tok[1],
-                          layers, tok[1] // 64, shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0], "quick_gelu")
+                          layers - 1 if sdxl else layers, tok[1] // 64,
+                          shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0], "quick_gelu", final_norm=not sdxl)
     tok = shapes["token_embedding.weight"]
     blocks = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("transformer.resblocks."))
-    return TextConfig("sd2", tok[0], shapes["positional_embedding.weight"][0], tok[1], blocks - 1, tok[1] // 64,
-                      shapes["transformer.resblocks.0.mlp.c_fc.weight"][0], "gelu")
+    return TextConfig("sd2", tok[0], shapes["positional_embedding.weight"][0], tok[1], blocks if sdxl else blocks - 1,
+                      tok[1] // 64, shapes["transformer.resblocks.0.mlp.c_fc.weight"][0], "gelu",
+                      final_norm=not sdxl, projection_dim=shapes["text_projection"][1] if sdxl else 0)
 
 
-def config_from_diffusers(cfg: dict) -> TextConfig:
-    """text_encoder/config.json (a transformers CLIPTextConfig). Its layers are exactly the ones SD runs."""
+def config_from_diffusers(cfg: dict, sdxl: bool = False) -> TextConfig:
+    """text_encoder/config.json or text_encoder_2/config.json (a transformers CLIPTextConfig). SD2's folder holds
+    exactly the layers SD runs; SDXL's text_encoder/ all 12 (11 run), text_encoder_2/ bigG with its projection."""
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise ValueError(f"text_encoder/config.json: activation {act!r} is not CLIP's")
-    return TextConfig("sd1" if act == "quick_gelu" else "sd2", cfg.get("vocab_size", 49408),
-                      cfg.get("max_position_embeddings", 77), cfg["hidden_size"], cfg["num_hidden_layers"],
-                      cfg["num_attention_heads"], cfg["intermediate_size"], act)
+    family, layers = ("sd1" if act == "quick_gelu" else "sd2"), cfg["num_hidden_layers"]
+    if sdxl and family == "sd1":
+        layers -= 1
+    return TextConfig(family, cfg.get("vocab_size", 49408), cfg.get("max_position_embeddings", 77),
+                      cfg["hidden_size"], layers, cfg["num_attention_heads"], cfg["intermediate_size"], act,
+                      final_norm=not sdxl, projection_dim=cfg["projection_dim"] if sdxl and family == "sd2" else 0)
 
 
 # SD2 original (OpenCLIP) <-> our module keys: the only two names that differ
@@ -412,11 +460,18 @@ def module_to_original_key(key: str, family: str) -> str:
 
 
 def ignored_original_key(key: str, cfg: TextConfig) -> bool:
-    """Keys of a single file (minus its text prefix) that SD does not use."""
-    if key.endswith("position_ids") or key in ("logit_scale", "text_projection", "attn_mask"):
+    """Keys of a single file (minus its text prefix) that SD does not use: the blocks after the one that
+    conditions (SD2's and SDXL ViT-L's last), the final norm SDXL's ViT-L skips, the projection but for bigG."""
+    if key.endswith("position_ids") or key in ("logit_scale", "attn_mask"):
         return True
-    m = re.match(r"transformer\.resblocks\.(\d+)\.", key)
-    return cfg.family == "sd2" and m is not None and int(m[1]) >= cfg.layers  # the unused last ViT-H block
+    if key == "text_projection":
+        return not cfg.projection_dim
+    m = re.match(r"(text_model\.encoder\.layers|transformer\.resblocks)\.(\d+)\.", key)
+    if m:
+        return int(m[2]) >= cfg.layers
+    if key.startswith(("text_model.final_layer_norm.", "ln_final.")):
+        return not (cfg.final_norm or cfg.projection_dim)
+    return False
 
 
 # Hugging Face CLIP names <-> OpenCLIP names (SD2 diffusers folders hold the HF layout); {} is the layer number
@@ -440,10 +495,17 @@ def _rename_prefix(key: str, to_openclip: bool) -> str | None:
 
 
 def diffusers_to_original(key: str, cfg: TextConfig) -> str | None:
-    """A transformers CLIPTextModel key (with or without `text_model.`) -> our module key; None = not used."""
+    """A transformers CLIPTextModel(WithProjection) key (with or without `text_model.`) -> our module key; None =
+    not used. bigG's `text_projection.weight` keeps its name: openclip_from_hf transposes it into ours."""
     key = key.removeprefix("text_model.")
-    if key.endswith("position_ids") or key.startswith("text_projection"):
+    if key.endswith("position_ids"):
         return None
+    if key.startswith("text_projection"):
+        return key if cfg.projection_dim else None
+    m = re.match(r"encoder\.layers\.(\d+)\.", key)
+    if (m and int(m[1]) >= cfg.layers) or (key.startswith("final_layer_norm.") and
+                                           not (cfg.final_norm or cfg.projection_dim)):
+        return None  # what SDXL's ViT-L does not run
     if cfg.family == "sd1":
         return "text_model." + key
     new = _rename_prefix(key, to_openclip=True)
@@ -458,6 +520,16 @@ def fuse_qkv(state: dict) -> dict:
         prefix, kind = key.split(".attn.q_proj.")
         parts = [state.pop(f"{prefix}.attn.{p}_proj.{kind}") for p in "qkv"]
         state[f"{prefix}.attn.in_proj.{kind}"] = torch.cat(parts)
+    return state
+
+
+def openclip_from_hf(state: dict) -> dict:
+    """An OpenCLIP encoder from a diffusers folder (renamed by diffusers_to_original) -> our module's tensors: q/k/v
+    fused, and bigG's projection transposed (Hugging Face: a Linear weight [proj, width]; OpenCLIP: x @ [width,
+    proj])."""
+    state = fuse_qkv(state)
+    if "text_projection.weight" in state:
+        state["text_projection"] = state.pop("text_projection.weight").t().contiguous()
     return state
 
 

@@ -1,8 +1,10 @@
-"""The Stable Diffusion UNet (SD 1.x and 2.x) in one file.
+"""The Stable Diffusion UNet (SD 1.x, 2.x and SDXL) in one file.
 
 Module attribute names are the original checkpoint's keys (minus `model.diffusion_model.`), so an original
 file loads with one `load_state_dict`; diffusers keys go through `diffusers_to_original`, a short rule.
-Facts: shared/reference/sd_weights_and_sampling.md §1-2.
+SDXL is the same network with three levels, deeper transformers and one more input: `label_emb`, an MLP on
+the vector y (pooled text embedding + image sizes, see `label_vector`) added to the time embedding.
+Facts: shared/reference/sd_weights_and_sampling.md §1-2, §8.
 """
 import math
 import re
@@ -24,14 +26,24 @@ class UNetConfig:
     attention_levels: tuple = (0, 1, 2)  # levels with a SpatialTransformer after each ResBlock; SD: all but the last
     num_heads: int | None = 8          # SD1: 8 heads everywhere, so the head dim grows with the channels
     head_dim: int | None = None        # SD2: head dim 64 everywhere, so the head count grows with the channels
-    transformer_depth: int = 1
-    context_dim: int = 768             # text width: 768 (CLIP ViT-L) for SD1, 1024 (OpenCLIP ViT-H) for SD2
-    linear_proj: bool = False          # SD2 has Linear proj_in/proj_out (applied after flattening), SD1 1x1 convs
+    transformer_depth: int | tuple = 1  # blocks per SpatialTransformer: one for all levels (SD1/SD2) or per level
+    transformer_depth_middle: int = 1  # (SDXL: (0, 2, 10), level 0 having no attention, and 10 in the middle)
+    context_dim: int = 768             # text width: 768 (CLIP ViT-L) SD1, 1024 (OpenCLIP ViT-H) SD2, 2048 SDXL
+    linear_proj: bool = False          # SD2/SDXL: Linear proj_in/proj_out (applied after flattening); SD1 1x1 convs
     upcast_attention: bool = False     # SD2 in fp16 overflows in q·k: attention is computed in fp32
     norm_groups: int = 32
+    adm_in_channels: int = 0           # width of y for label_emb (SDXL: 2816); 0: no label_emb (SD1/SD2)
 
     def heads(self, channels: int) -> int:
         return self.num_heads if self.num_heads else channels // self.head_dim
+
+    def depth(self, level: int) -> int:
+        return self.transformer_depth if isinstance(self.transformer_depth, int) else self.transformer_depth[level]
+
+
+# SDXL's y: each of the six size/crop numbers is embedded like a timestep, in this many channels (diffusers'
+# addition_time_embed_dim; the original's ConcatTimestepEmbedderND(outdim=256)).
+SIZE_EMBED_DIM = 256
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -47,6 +59,18 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def label_vector(pooled: torch.Tensor, original_size=(1024, 1024), crop_top_left=(0, 0),
+                 target_size=(1024, 1024)) -> torch.Tensor:
+    """SDXL's y [B, pooled + 6 x 256]: the pooled text embedding, then (original height, width; crop top, left;
+    target height, width), each number embedded like a timestep (cos first). Sizes are pixels, (h, w) pairs, one
+    for the batch or one per row ([B, 2]). As diffusers' _get_add_time_ids + add_time_proj + concat."""
+    B = pooled.shape[0]
+    numbers = torch.cat([torch.as_tensor(v, dtype=torch.float32, device=pooled.device).reshape(-1, 2).expand(B, 2)
+                         for v in (original_size, crop_top_left, target_size)], dim=1)  # [B, 6]
+    sizes = timestep_embedding(numbers.flatten(), SIZE_EMBED_DIM).reshape(B, -1)
+    return torch.cat([pooled.float(), sizes], dim=-1).to(pooled.dtype)
 
 
 class ResBlock(nn.Module):
@@ -133,7 +157,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels, cfg: UNetConfig):
+    def __init__(self, channels, cfg: UNetConfig, depth: int):
         super().__init__()
         self.linear = cfg.linear_proj
         self.norm = GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
@@ -141,7 +165,7 @@ class SpatialTransformer(nn.Module):
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, cfg.context_dim, cfg.heads(channels), cfg.upcast_attention)
-             for _ in range(cfg.transformer_depth)])
+             for _ in range(depth)])
         self.proj_out = proj()
 
     def forward(self, x, emb, context):
@@ -204,6 +228,9 @@ class UNet(nn.Module):
         self.grad_checkpointing = False
         mc, emb_dim, G = cfg.model_channels, 4 * cfg.model_channels, cfg.norm_groups
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:  # SDXL: y -> the same width, added to the time embedding (the original's nesting)
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         # Way down: conv_in, then per level num_res_blocks x (ResBlock [+ SpatialTransformer]), then a Downsample
         # (not after the last level). Every block's output is kept as a skip.
@@ -215,7 +242,7 @@ class UNet(nn.Module):
                 block = [ResBlock(ch, mc * mult, emb_dim, G)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    block.append(SpatialTransformer(ch, cfg))
+                    block.append(SpatialTransformer(ch, cfg, cfg.depth(level)))
                 self.input_blocks.append(TimestepEmbedSequential(block))
                 skips.append(ch)
             if level != levels - 1:
@@ -223,7 +250,8 @@ class UNet(nn.Module):
                 skips.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            [ResBlock(ch, ch, emb_dim, G), SpatialTransformer(ch, cfg), ResBlock(ch, ch, emb_dim, G)])
+            [ResBlock(ch, ch, emb_dim, G), SpatialTransformer(ch, cfg, cfg.transformer_depth_middle),
+             ResBlock(ch, ch, emb_dim, G)])
 
         # Way up: per level (deepest first) num_res_blocks + 1 x (ResBlock on [h, skip] [+ SpatialTransformer]),
         # and an Upsample after the last block of every level but the top one.
@@ -233,17 +261,23 @@ class UNet(nn.Module):
                 block = [ResBlock(ch + skips.pop(), mc * mult, emb_dim, G)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    block.append(SpatialTransformer(ch, cfg))
+                    block.append(SpatialTransformer(ch, cfg, cfg.depth(level)))
                 if level != 0 and i == cfg.num_res_blocks:
                     block.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(block))
 
         self.out = nn.Sequential(GroupNorm32(G, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x, t, context):
-        """x: noisy latents [B, 4, h, w]; t: timestep (int, 0-d or [B]); context: text states [B, 77, C]."""
+    def forward(self, x, t, context, y=None):
+        """x: noisy latents [B, 4, h, w]; t: timestep (int, 0-d or [B]); context: text states [B, 77, C];
+        y: SDXL only, the label_emb input [B, adm_in_channels] (`label_vector`)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        if bool(self.cfg.adm_in_channels) != (y is not None):
+            raise ValueError("an SDXL UNet needs y (unet.label_vector: the pooled text embedding and image sizes)"
+                             if y is None else "y is given, but this UNet has no label_emb (it is not SDXL's)")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
         run = self._checkpointed if self.grad_checkpointing and self.training else (lambda b, *a: b(*a))
         h, skips = x, []
         for block in self.input_blocks:
@@ -275,8 +309,18 @@ class UNet(nn.Module):
 # Configuration from a checkpoint
 
 
+def _depths(attention: tuple, per_level: list, middle: int) -> tuple:
+    """(transformer_depth, transformer_depth_middle): one int when all transformers have the same depth (SD1/SD2),
+    else one per level, 0 where a level has no attention (SDXL: (0, 2, 10), 10)."""
+    used = [d for level, d in enumerate(per_level) if level in attention]
+    if all(d == middle for d in used):
+        return middle, middle
+    return tuple(d if level in attention else 0 for level, d in enumerate(per_level)), middle
+
+
 def config_from_shapes(shapes: dict, family: str) -> UNetConfig:
-    """Architecture of an original-layout UNet from its tensor shapes (keys without `model.diffusion_model.`)."""
+    """Architecture of an original-layout UNet from its tensor shapes (keys without `model.diffusion_model.`).
+    family: "sd1" (8 heads), "sd2" (64-channel heads, fp32 attention) or "sdxl" (64-channel heads)."""
     mc = shapes["input_blocks.0.0.weight"][0]
     n_in = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks."))
     # resblock output channels of each input block (Downsamples have `op`, ResBlocks have in_layers)
@@ -285,39 +329,55 @@ def config_from_shapes(shapes: dict, family: str) -> UNetConfig:
     downs = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.") and ".op.weight" in k)
     levels = len(downs) + 1
     num_res = (downs[0] - 1) if downs else (n_in - 1)
-    mult, attention = [], []
+
+    def depth(prefix):  # transformer blocks in the SpatialTransformer at `prefix`
+        return 1 + max([int(k[len(prefix):].split(".")[0]) for k in shapes if k.startswith(prefix)], default=-1)
+
+    mult, attention, per_level = [], [], []
     for level in range(levels):
         first = 1 + level * (num_res + 1)
         mult.append(res_out[first] // mc)
+        per_level.append(depth(f"input_blocks.{first}.1.transformer_blocks."))
         if f"input_blocks.{first}.1.proj_in.weight" in shapes:
             attention.append(level)
-    depth = 1 + max(int(k.split(".")[3]) for k in shapes if k.startswith("middle_block.1.transformer_blocks."))
+    transformer_depth, middle = _depths(tuple(attention), per_level, depth("middle_block.1.transformer_blocks."))
     to_k = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"]
     return UNetConfig(in_channels=shapes["input_blocks.0.0.weight"][1], out_channels=shapes["out.2.weight"][0],
                       model_channels=mc, channel_mult=tuple(mult), num_res_blocks=num_res,
-                      attention_levels=tuple(attention), transformer_depth=depth, context_dim=to_k[1],
+                      attention_levels=tuple(attention), transformer_depth=transformer_depth,
+                      transformer_depth_middle=middle, context_dim=to_k[1],
                       linear_proj=len(shapes["middle_block.1.proj_in.weight"]) == 2,
                       num_heads=8 if family == "sd1" else None, head_dim=None if family == "sd1" else 64,
-                      upcast_attention=family == "sd2", norm_groups=32)
+                      upcast_attention=family == "sd2", norm_groups=32,
+                      adm_in_channels=shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else 0)
 
 
 def config_from_diffusers(cfg: dict) -> UNetConfig:
-    """Our config from a diffusers unet/config.json."""
-    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim"):
+    """Our config from a diffusers unet/config.json (SD 1.x/2.x, or SDXL: addition_embed_type "text_time")."""
+    for key in ("class_embed_type", "encoder_hid_dim", "time_cond_proj_dim", "reverse_transformer_layers_per_block"):
         if cfg.get(key):
-            raise ValueError(f"unet/config.json sets {key}={cfg[key]!r}: not an SD 1.x/2.x UNet")
+            raise ValueError(f"unet/config.json sets {key}={cfg[key]!r}: not an SD 1.x/2.x/XL UNet")
+    adm = 0
+    if cfg.get("addition_embed_type"):
+        if cfg["addition_embed_type"] != "text_time" or cfg.get("addition_time_embed_dim") != SIZE_EMBED_DIM:
+            raise ValueError(f"unet/config.json: addition_embed_type={cfg['addition_embed_type']!r} with "
+                             f"addition_time_embed_dim={cfg.get('addition_time_embed_dim')!r} is not SDXL's "
+                             f"(\"text_time\", {SIZE_EMBED_DIM})")
+        adm = cfg["projection_class_embeddings_input_dim"]
     down = list(cfg["down_block_types"])
     if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or \
             cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"unet/config.json has blocks {down}: not an SD 1.x/2.x UNet")
+        raise ValueError(f"unet/config.json has blocks {down}: not an SD 1.x/2.x/XL UNet")
     channels = list(cfg["block_out_channels"])
+    attention = tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn"))
     depth = cfg.get("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        if len(set(depth)) != 1:
-            raise ValueError("unet/config.json: per-block transformer depths are not supported (SD uses 1)")
-        depth = depth[0]
+    per_level = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+    if any(not isinstance(d, int) for d in per_level):
+        raise ValueError("unet/config.json: separate transformer depths for the way up are not supported")
+    # diffusers' middle block takes the depth of the last level
+    transformer_depth, middle = _depths(attention, per_level, per_level[-1])
     # diffusers' `attention_head_dim` is, for SD, the number of heads (a known misnomer): an int for SD1 (8),
-    # a per-block list for SD2 (channels / 64). num_attention_heads, when set, means the same.
+    # a per-block list for SD2/SDXL (channels / 64). num_attention_heads, when set, means the same.
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     num_heads, head_dim = None, None
     if isinstance(heads, int):
@@ -332,15 +392,16 @@ def config_from_diffusers(cfg: dict) -> UNetConfig:
             raise ValueError("unet/config.json: neither the head count nor the head dim is constant")
     if cfg.get("norm_eps", 1e-5) != 1e-5 or cfg.get("act_fn", "silu") != "silu":
         raise ValueError("unet/config.json: non-SD norm eps or activation")
+    if not cfg.get("flip_sin_to_cos", True) or cfg.get("freq_shift", 0) != 0:
+        raise ValueError("unet/config.json: the timestep embedding is not SD's (flip_sin_to_cos, freq_shift 0)")
     return UNetConfig(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
                       model_channels=channels[0], channel_mult=tuple(c // channels[0] for c in channels),
-                      num_res_blocks=cfg.get("layers_per_block", 2),
-                      attention_levels=tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn")),
-                      num_heads=num_heads, head_dim=head_dim, transformer_depth=depth,
-                      context_dim=cfg.get("cross_attention_dim", 768),
+                      num_res_blocks=cfg.get("layers_per_block", 2), attention_levels=attention,
+                      num_heads=num_heads, head_dim=head_dim, transformer_depth=transformer_depth,
+                      transformer_depth_middle=middle, context_dim=cfg.get("cross_attention_dim", 768),
                       linear_proj=bool(cfg.get("use_linear_projection", False)),
                       upcast_attention=bool(cfg.get("upcast_attention", False)),
-                      norm_groups=cfg.get("norm_num_groups", 32))
+                      norm_groups=cfg.get("norm_num_groups", 32), adm_in_channels=adm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +411,7 @@ def config_from_diffusers(cfg: dict) -> UNetConfig:
 RESBLOCK_RENAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 TOP_RENAMES = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
 

@@ -1,15 +1,18 @@
-"""The Stable Diffusion autoencoder (AutoencoderKL, "kl-f8") in one file.
+"""The Stable Diffusion autoencoder (AutoencoderKL, "kl-f8") in one file: SD 1.x, 2.x and SDXL.
 
 Module attribute names are the original checkpoint's keys (minus `first_stage_model.`); diffusers keys go
-through `diffusers_to_original`. Facts: shared/reference/sd_weights_and_sampling.md §4.
+through `diffusers_to_original`. SDXL's VAE is the same network with other weights, another latent scale and
+a need for fp32. Facts: shared/reference/sd_weights_and_sampling.md §4, §8.
 """
 import re
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SCALE = 0.18215  # latents = z * SCALE for the UNet (the original yaml's scale_factor: unit variance latents)
+SCALE = 0.18215  # SD 1.x/2.x's VAEConfig.scaling_factor (kept for the callers that predate SDXL)
+SDXL_SCALE = 0.13025
 
 
 @dataclass
@@ -21,6 +24,8 @@ class VAEConfig:
     num_res_blocks: int = 2        # per level in the encoder; the decoder has one more
     z_channels: int = 4
     norm_groups: int = 32
+    scaling_factor: float = SCALE  # latents = z * scaling_factor for the UNet (unit variance): SD 0.18215, SDXL 0.13025
+    force_upcast: bool = False     # SDXL: activations overflow fp16, so fp16 runs in fp32 (diffusers' force_upcast)
 
 
 def Normalize(c, groups):
@@ -180,38 +185,62 @@ class VAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     def encode(self, images):
-        """images in [-1, 1] -> (mean, logvar) of the latent posterior, NOT multiplied by SCALE."""
+        """images in [-1, 1] -> (mean, logvar) of the latent posterior, NOT multiplied by the scaling factor."""
+        if self._run_in_fp32(images):
+            with torch.autocast(images.device.type, enabled=False):
+                return tuple(t.to(images.dtype) for t in self.encode(images.float()))
         mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
-        """latents (NOT multiplied by SCALE) -> images, about [-1, 1]."""
+        """latents (NOT multiplied by the scaling factor) -> images, about [-1, 1]."""
+        if self._run_in_fp32(z):
+            with torch.autocast(z.device.type, enabled=False):
+                return self.decode(z.float()).to(z.dtype)
         return self.decoder(self.post_quant_conv(z))
+
+    def _run_in_fp32(self, x) -> bool:
+        """force_upcast with fp16 anywhere (input, weights or autocast): the call runs in fp32 and returns the input's
+        dtype. fp16 weights are made fp32 here for good, as diffusers' SDXL pipeline does (vae.to(float32)); a loader
+        that keeps such a VAE in fp32 never needs that. bf16 has fp32's range: no upcast, as in diffusers."""
+        if not self.cfg.force_upcast:
+            return False
+        device = x.device.type
+        fp16 = torch.float16 in (x.dtype, self.post_quant_conv.weight.dtype) or \
+            (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16)
+        if fp16 and self.post_quant_conv.weight.dtype != torch.float32:
+            self.float()
+        return fp16
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration and the diffusers -> original key rule (§4.1)
 
 
-def config_from_shapes(shapes: dict) -> VAEConfig:
-    """Architecture from original-layout tensor shapes (keys without `first_stage_model.`)."""
+def config_from_shapes(shapes: dict, family: str = "sd1") -> VAEConfig:
+    """Architecture from original-layout tensor shapes (keys without `first_stage_model.`). The scale and the fp32
+    need are not in the weights: they come with the family ("sd1", "sd2" or "sdxl", from the rest of the file)."""
     ch = shapes["encoder.conv_in.weight"][0]
     levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down."))
     mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
     num_res = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
     return VAEConfig(in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
                      ch=ch, ch_mult=mult, num_res_blocks=num_res, z_channels=shapes["post_quant_conv.weight"][0],
-                     norm_groups=32)
+                     norm_groups=32, scaling_factor=SDXL_SCALE if family == "sdxl" else SCALE,
+                     force_upcast=family == "sdxl")
 
 
-def config_from_diffusers(cfg: dict) -> VAEConfig:
+def config_from_diffusers(cfg: dict, family: str = "sd1") -> VAEConfig:
+    """vae/config.json. force_upcast is honoured for SDXL only: diffusers' SD 1.x/2.x pipeline ignores it, and
+    save_pretrained writes its default (true) into every re-saved SD folder."""
     channels = list(cfg["block_out_channels"])
     if any(t != "DownEncoderBlock2D" for t in cfg["down_block_types"]) or cfg.get("use_quant_conv") is False:
         raise ValueError("vae/config.json: not an SD AutoencoderKL")
     return VAEConfig(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
                      ch=channels[0], ch_mult=tuple(c // channels[0] for c in channels),
                      num_res_blocks=cfg.get("layers_per_block", 2), z_channels=cfg.get("latent_channels", 4),
-                     norm_groups=cfg.get("norm_num_groups", 32))
+                     norm_groups=cfg.get("norm_num_groups", 32), scaling_factor=cfg.get("scaling_factor", SCALE),
+                     force_upcast=family == "sdxl" and bool(cfg.get("force_upcast", True)))
 
 
 # Inner names: diffusers -> original. Both spellings of the attention (to_q... and the older query...).

@@ -66,7 +66,7 @@ def test_latent_sides_that_are_not_multiples_of_8_match_diffusers(size):
 
 def test_unknown_diffusers_key_is_an_error():
     with pytest.raises(ValueError, match="cannot be mapped"):
-        unet_lib.diffusers_to_original("add_embedding.linear_1.weight", unet_lib.UNetConfig())
+        unet_lib.diffusers_to_original("class_embedding.linear_1.weight", unet_lib.UNetConfig())
 
 
 def test_recorded_cross_attention_equals_sdpa_path_and_carries_gradients():

@@ -134,8 +134,9 @@ def oracle_from_checkpoint(ckpt: dict, family: str):
     return dict(unet=o_unet, vae=o_vae, text_encoder=o_text)
 
 
-def write_tokenizer_files(folder: Path, bpe_gz: Path, family: str):
-    """vocab.json + merges.txt as the Hub's tokenizer/ folders hold them, made from the CLIP BPE file."""
+def write_tokenizer_files(folder: Path, bpe_gz: Path, family: str, tokenizer_config: dict | None = None):
+    """vocab.json + merges.txt as the Hub's tokenizer/ folders hold them, made from the CLIP BPE file
+    (tokenizer_config: the tokenizer_config.json to write, else a minimal one for the family)."""
     merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     bytes_vocab = list(clip_text.bytes_to_unicode().values())
     vocab = bytes_vocab + [v + "</w>" for v in bytes_vocab] + ["".join(m.split()) for m in merges]
@@ -146,7 +147,7 @@ def write_tokenizer_files(folder: Path, bpe_gz: Path, family: str):
     pad = "<|endoftext|>" if family == "sd1" else "!"
     (folder / "special_tokens_map.json").write_text(json.dumps(
         dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad)))
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or dict(
         model_max_length=77, bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
         pad_token=pad, do_lower_case=True, tokenizer_class="CLIPTokenizer")))
 
@@ -174,3 +175,142 @@ def save_folder(path: Path, oracle: dict, family: str, bpe_gz: Path, dtype=torch
     sched = dict(SCHEDULER, prediction_type=prediction_type or ("epsilon" if family == "sd1" else "v_prediction"))
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SDXL: a tiny UNet with the label_emb, the two text encoders (ViT-L in Hugging Face names, bigG in OpenCLIP
+# names), SDXL's VAE config. The two encoders have different widths and bigG's projection is not square, so a
+# swapped concatenation or a missing transpose cannot pass.
+
+SDXL_TEXT_WIDTH = (64, 128)   # ViT-L, bigG: context width 192 (SDXL: 768 + 1280 = 2048)
+SDXL_POOLED = 96              # bigG's projection width (SDXL: 1280)
+
+
+def sdxl_unet_config():
+    """SDXL's unet/config.json in small: no attention at level 0, depth 1 then 2 (SDXL: 2, 10; the middle takes the
+    last level's), 64-channel heads, linear proj_in/out, the "text_time" add-embedding on pooled + 6 x 256."""
+    return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+                block_out_channels=(64, 128, 128),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+                cross_attention_dim=sum(SDXL_TEXT_WIDTH), upcast_attention=None, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=SDXL_POOLED + 6 * 256)
+
+
+SDXL_VAE_CONFIG = dict(VAE_CONFIG, scaling_factor=0.13025, force_upcast=True)
+
+
+def sdxl_text_configs():
+    """text_encoder/ (CLIPTextModel, ViT-L) and text_encoder_2/ (CLIPTextModelWithProjection, bigG) configs, with
+    the token ids of SDXL's config.json files (eos_token_id 2: transformers pools at the argmax of the ids)."""
+    from transformers import CLIPTextConfig
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    w1, w2 = SDXL_TEXT_WIDTH
+    return (CLIPTextConfig(hidden_size=w1, intermediate_size=4 * w1, num_hidden_layers=3, num_attention_heads=w1 // 64,
+                           hidden_act="quick_gelu", projection_dim=w1, **ids),
+            CLIPTextConfig(hidden_size=w2, intermediate_size=4 * w2, num_hidden_layers=3, num_attention_heads=w2 // 64,
+                           hidden_act="gelu", projection_dim=SDXL_POOLED, **ids))
+
+
+# Original single-file prefixes (diffusers single_file_utils: LDM_UNET_KEY, LDM_VAE_KEYS, LDM_CLIP_PREFIX_TO_REMOVE)
+SDXL_PREFIX = dict(unet="model.diffusion_model.", vae="first_stage_model.",
+                   text_encoder="conditioner.embedders.0.transformer.", text_encoder_2="conditioner.embedders.1.model.")
+
+
+def sdxl_checkpoint():
+    """Original-layout SDXL tensors drawn with our modules, as a full file holds them (ViT-L with its last layer
+    and final norm, which SDXL does not use; schedule buffers; bigG's logit_scale), and the oracle models loaded
+    from them by diffusers' OWN converters. Returns (ckpt, oracle)."""
+    l_cfg, g_cfg = sdxl_text_configs()
+    modules = dict(
+        unet=randomize_(unet_lib.UNet(unet_lib.config_from_diffusers(sdxl_unet_config())), 21),
+        vae=randomize_(vae_lib.VAE(vae_lib.config_from_diffusers(SDXL_VAE_CONFIG, "sdxl")), 22),
+        # the file's ViT-L is a whole CLIP text model: every layer and the final norm
+        text_encoder=randomize_(clip_text.build_text_encoder(clip_text.config_from_diffusers(l_cfg.to_dict())), 23),
+        text_encoder_2=randomize_(clip_text.build_text_encoder(
+            clip_text.config_from_diffusers(g_cfg.to_dict(), sdxl=True)), 24))
+    ckpt = {}
+    for name, m in modules.items():
+        family = "sd2" if name == "text_encoder_2" else "sd1"
+        ckpt |= {SDXL_PREFIX[name] + clip_text.module_to_original_key(k, family): v for k, v in m.state_dict().items()}
+    ckpt["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    ckpt[SDXL_PREFIX["text_encoder"] + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    ckpt[SDXL_PREFIX["text_encoder_2"] + "logit_scale"] = torch.tensor(4.6)
+    return ckpt, sdxl_oracle_from_checkpoint(ckpt)
+
+
+def sdxl_oracle_from_checkpoint(ckpt: dict) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    l_cfg, g_cfg = sdxl_text_configs()
+    o_unet = UNet2DConditionModel(**sdxl_unet_config()).eval()
+    o_unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(o_unet.config)), strict=True)
+    o_vae = AutoencoderKL(**SDXL_VAE_CONFIG).eval()
+    o_vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dict(o_vae.config)), strict=True)
+    o_l = CLIPTextModel(l_cfg).eval()
+    state = _hf_text_state(convert_ldm_clip_checkpoint(ckpt))
+    o_l.load_state_dict({k: v for k, v in state.items() if k != "embeddings.position_ids"}, strict=True)
+    o_g = CLIPTextModelWithProjection(g_cfg).eval()
+    o_g.load_state_dict(convert_open_clip_checkpoint(o_g, ckpt, prefix=SDXL_PREFIX["text_encoder_2"]), strict=True)
+    return dict(unet=o_unet, vae=o_vae, text_encoder=o_l, text_encoder_2=o_g)
+
+
+def write_sdxl_single_file(path: Path, dtype=torch.float32):
+    """An SDXL single-file checkpoint (sd_xl_base_1.0.safetensors in small); returns the oracle models."""
+    ckpt, oracle = sdxl_checkpoint()
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()}, str(path))
+    if dtype != torch.float32:  # the oracle sees the same rounded numbers
+        for m in oracle.values():
+            m.to(dtype).float()
+    return oracle
+
+
+def sdxl_tokenizer_config(pad: str) -> dict:
+    """tokenizer_config.json of stabilityai/stable-diffusion-xl-base-1.0 (tokenizer/: pad "<|endoftext|>";
+    tokenizer_2/: pad "!", which is then an added special token, id 0)."""
+    def token(content, normalized, special):
+        return dict(content=content, lstrip=False, normalized=normalized, rstrip=False, single_word=False,
+                    special=special)
+    added = {"49406": token("<|startoftext|>", True, False), "49407": token("<|endoftext|>", False, False)}
+    if pad == "!":
+        added = {"0": token("!", False, True)} | added
+    return {"add_prefix_space": False, "added_tokens_decoder": added, "additional_special_tokens": [],
+            "bos_token": "<|startoftext|>", "clean_up_tokenization_spaces": True, "do_lower_case": True,
+            "eos_token": "<|endoftext|>", "errors": "replace", "model_max_length": 77, "pad_token": pad,
+            "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>"}
+
+
+SDXL_SCHEDULER = dict(_class_name="EulerDiscreteScheduler", num_train_timesteps=1000, beta_start=0.00085,
+                      beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                      interpolation_type="linear", prediction_type="epsilon", sample_max_value=1.0,
+                      skip_prk_steps=True, steps_offset=1, timestep_spacing="leading", trained_betas=None,
+                      use_karras_sigmas=False)
+
+
+def write_sdxl_folder(path: Path, bpe_gz: Path, dtype=torch.float32, variant=None):
+    """An SDXL diffusers folder of random models (as save_pretrained writes them); returns the oracle models."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    l_cfg, g_cfg = sdxl_text_configs()
+    oracle = dict(unet=randomize_(UNet2DConditionModel(**sdxl_unet_config()), 31),
+                  vae=randomize_(AutoencoderKL(**SDXL_VAE_CONFIG), 32),
+                  text_encoder=randomize_(CLIPTextModel(l_cfg), 33),
+                  text_encoder_2=randomize_(CLIPTextModelWithProjection(g_cfg), 34))
+    for name, m in oracle.items():
+        m.to(dtype).save_pretrained(path / name, variant=variant)
+        m.float()
+    write_tokenizer_files(path / "tokenizer", bpe_gz, "sd1", sdxl_tokenizer_config("<|endoftext|>"))
+    write_tokenizer_files(path / "tokenizer_2", bpe_gz, "sd2", sdxl_tokenizer_config("!"))
+    (path / "scheduler").mkdir(parents=True, exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}))
+    return oracle

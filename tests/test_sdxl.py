@@ -1,0 +1,386 @@
+"""SDXL's components equal diffusers/transformers: the UNet with its label_emb, both text encoders (context and
+pooled), the VAE (scale, fp32 upcast) and both tokenizers, from the original single-file layout (through
+diffusers' OWN converters) and from a diffusers folder (through our rename rules); and the full-size
+architecture's names and shapes are the official ones (built on `meta`, no memory)."""
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clip_text
+import sd
+import tiny
+import unet as unet_lib
+import vae as vae_lib
+
+SIZES = dict(original_size=[(768, 1024), (1024, 512)], crop_top_left=[(32, 0), (0, 48)], target_size=(1024, 1024))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(the tensors of a tiny sd_xl_base_1.0.safetensors, the oracle models)"""
+    path = tmp_path_factory.mktemp("sdxl_file") / "sd_xl_tiny.safetensors"
+    oracle = tiny.write_sdxl_single_file(path)
+    return load_file(path), oracle
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from conftest import require_bpe_vocab
+    path = tmp_path_factory.mktemp("sdxl") / "model"
+    return path, tiny.write_sdxl_folder(path, require_bpe_vocab())
+
+
+def component(ckpt: dict, name: str) -> dict:
+    """One component's tensors of a single file, prefix stripped (OpenCLIP's two names renamed to our modules')."""
+    prefix = tiny.SDXL_PREFIX[name]
+    return {clip_text.original_to_module_key(k[len(prefix):], "sd2" if name == "text_encoder_2" else "sd1"): v
+            for k, v in ckpt.items() if k.startswith(prefix)}
+
+
+def load(module: torch.nn.Module, state: dict) -> torch.nn.Module:
+    expected = module.state_dict()
+    module.load_state_dict({k: sd.fit_shape(v, expected[k].shape) for k, v in state.items()}, strict=True)
+    return module.eval()
+
+
+def folder_state(path, name, rename) -> tuple[dict, dict]:
+    """(config.json, tensors renamed by `rename`, None dropped) of one diffusers component folder."""
+    stem = "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
+    state = {rename(k): v for k, v in load_file(path / name / f"{stem}.safetensors").items()}
+    return json.loads((path / name / "config.json").read_text()), {k: v for k, v in state.items() if k is not None}
+
+
+def token_ids():
+    """Two prompts as ids: BOS, words, EOS, padding -- the EOS at different places (the pooled token)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.zeros(2, 77, dtype=torch.long)
+    for row, n in enumerate((5, 40)):
+        ids[row, :n + 2] = torch.cat([torch.tensor([clip_text.BOS]), torch.randint(1, 49406, (n,), generator=g),
+                                      torch.tensor([clip_text.EOS])])
+    return ids
+
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UNet
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, sum(tiny.SDXL_TEXT_WIDTH), generator=g)
+    pooled = torch.randn(2, tiny.SDXL_POOLED, generator=g)
+    return x, context, pooled
+
+
+def diffusers_time_ids(batch):
+    """What StableDiffusionXLPipeline._get_add_time_ids gives: original_size + crops_coords_top_left + target_size."""
+    rows = []
+    for i in range(batch):
+        pick = lambda v: tuple(v[i]) if isinstance(v, list) else tuple(v)  # noqa: E731
+        rows.append(list(pick(SIZES["original_size"]) + pick(SIZES["crop_top_left"]) + pick(SIZES["target_size"])))
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def unet_error(ours, oracle, t=torch.tensor([7, 980])):
+    x, context, pooled = unet_inputs()
+    y = unet_lib.label_vector(pooled, **SIZES)
+    with torch.no_grad():
+        mine = ours(x, t, context, y)
+        theirs = oracle(x, t, encoder_hidden_states=context,
+                        added_cond_kwargs=dict(text_embeds=pooled, time_ids=diffusers_time_ids(2))).sample
+    return max_rel(mine, theirs)
+
+
+def test_unet_original_layout_matches_diffusers_through_its_own_converter(checkpoint):
+    ckpt, oracle = checkpoint
+    state = component(ckpt, "unet")
+    cfg = unet_lib.config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, "sdxl")
+    assert cfg == unet_lib.config_from_diffusers(tiny.sdxl_unet_config())
+    assert cfg.transformer_depth == (0, 1, 2) and cfg.transformer_depth_middle == 2 and cfg.head_dim == 64
+    ours = load(unet_lib.UNet(cfg), state)
+    err = unet_error(ours, oracle["unet"])
+    assert err <= 1e-4, f"max relative diff {err:.2e}"
+
+
+def test_unet_diffusers_layout_loads_by_the_rename_rule(folder):
+    path, oracle = folder
+    cfg = unet_lib.config_from_diffusers(json.loads((path / "unet" / "config.json").read_text()))
+    _, state = folder_state(path, "unet", lambda k: unet_lib.diffusers_to_original(k, cfg))
+    ours = load(unet_lib.UNet(cfg), state)
+    err = unet_error(ours, oracle["unet"], t=500)
+    assert err <= 1e-4, f"max relative diff {err:.2e}"
+    # and the inverse rule (LoRA names) gives diffusers' names back
+    assert {unet_lib.original_to_diffusers(k, cfg) for k in state} == set(oracle["unet"].state_dict())
+
+
+def test_label_vector_is_pooled_then_sinusoidal_sizes():
+    pooled = torch.randn(2, 5)
+    y = unet_lib.label_vector(pooled, (1024, 768), (0, 16), (512, 512))
+    assert y.shape == (2, 5 + 6 * 256) and torch.equal(y[:, :5], pooled)
+    # one size for the batch or one per row: the same numbers
+    per_row = unet_lib.label_vector(pooled, [(1024, 768)] * 2, torch.tensor([[0, 16], [0, 16]]), [(512, 512)] * 2)
+    assert torch.equal(y, per_row)
+    # each number a 256-wide timestep embedding, in the order h, w, top, left, h, w
+    assert torch.equal(y[:, 5 + 256:5 + 512], unet_lib.timestep_embedding(torch.tensor([768, 768]), 256))
+
+
+def test_unet_without_y_or_with_an_unexpected_y_is_a_clear_error():
+    xl = unet_lib.UNet(unet_lib.config_from_diffusers(tiny.sdxl_unet_config()))
+    x, context, pooled = unet_inputs()
+    with pytest.raises(ValueError, match="needs y"):
+        xl(x, 1, context)
+    sd1 = unet_lib.UNet(unet_lib.config_from_diffusers(tiny.unet_config("sd1")))
+    with pytest.raises(ValueError, match="no label_emb"):
+        sd1(x, 1, context[..., :tiny.TEXT_WIDTH], unet_lib.label_vector(pooled))
+
+
+def test_unet_config_rejects_unknown_add_embeddings():
+    for change in (dict(addition_embed_type="text"), dict(addition_time_embed_dim=128), dict(freq_shift=1)):
+        with pytest.raises(ValueError, match="unet/config.json"):
+            unet_lib.config_from_diffusers(dict(tiny.sdxl_unet_config(), **change))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text encoders
+
+
+def text_errors(ours_l, ours_g, oracle_l, oracle_g):
+    ids = token_ids()
+    with torch.no_grad():
+        context_l = ours_l(ids)
+        context_g, pooled = ours_g(ids)
+        want_l = oracle_l(ids, output_hidden_states=True).hidden_states[-2]
+        out_g = oracle_g(ids, output_hidden_states=True)
+    return {"ViT-L context": max_rel(context_l, want_l), "bigG context": max_rel(context_g, out_g.hidden_states[-2]),
+            "bigG pooled": max_rel(pooled, out_g.text_embeds)}
+
+
+def test_text_encoders_original_layout_match_transformers_through_diffusers_converters(checkpoint):
+    ckpt, oracle = checkpoint
+    encoders = []
+    for name, family in (("text_encoder", "sd1"), ("text_encoder_2", "sd2")):
+        state = component(ckpt, name)
+        cfg = clip_text.config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, family, sdxl=True)
+        hf_cfg = tiny.sdxl_text_configs()[name == "text_encoder_2"].to_dict()
+        assert cfg == clip_text.config_from_diffusers(hf_cfg, sdxl=True)
+        used = {k: v for k, v in state.items()
+                if not clip_text.ignored_original_key(clip_text.module_to_original_key(k, family), cfg)}
+        encoders.append(load(clip_text.build_text_encoder(cfg), used))
+    l_cfg, g_cfg = encoders[0].cfg, encoders[1].cfg
+    assert (l_cfg.layers, l_cfg.final_norm, l_cfg.projection_dim) == (2, False, 0)  # 3 in the file: the last unused
+    assert (g_cfg.layers, g_cfg.final_norm, g_cfg.projection_dim) == (3, False, tiny.SDXL_POOLED)
+    errors = text_errors(*encoders, oracle["text_encoder"], oracle["text_encoder_2"])
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_text_encoders_diffusers_layout_load_by_the_rename_rules(folder):
+    path, oracle = folder
+    encoders = []
+    for name in ("text_encoder", "text_encoder_2"):
+        cfg = clip_text.config_from_diffusers(json.loads((path / name / "config.json").read_text()), sdxl=True)
+        _, state = folder_state(path, name, lambda k: clip_text.diffusers_to_original(k, cfg))
+        if cfg.family == "sd2":
+            state = clip_text.openclip_from_hf(state)
+        encoders.append(load(clip_text.build_text_encoder(cfg), state))
+    errors = text_errors(*encoders, oracle["text_encoder"], oracle["text_encoder_2"])
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_conditioning_equals_the_diffusers_pipeline_encode_prompt(folder):
+    """The UNet's context is [ViT-L penultimate, bigG penultimate] on the feature axis; pooled is bigG's, exactly
+    as StableDiffusionXLPipeline.encode_prompt makes them (with its own tokenizers)."""
+    from diffusers import StableDiffusionXLPipeline
+    path, oracle = folder
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    prompts = ["a photo of an astronaut riding a horse on mars!", "sks dog"]
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    encoders = []
+    for name in ("text_encoder", "text_encoder_2"):
+        cfg = clip_text.config_from_diffusers(json.loads((path / name / "config.json").read_text()), sdxl=True)
+        _, state = folder_state(path, name, lambda k: clip_text.diffusers_to_original(k, cfg))
+        state = clip_text.openclip_from_hf(state) if cfg.family == "sd2" else state
+        tokenizer = clip_text.Tokenizer.from_folder(path / name.replace("text_encoder", "tokenizer"),
+                                                    clip_text.pad_id_for(cfg.family))
+        encoders.append((load(clip_text.build_text_encoder(cfg), state), tokenizer))
+    (enc_l, tok_l), (enc_g, tok_g) = encoders
+    with torch.no_grad():
+        context_g, pooled = enc_g(tok_g(prompts))
+        context = torch.cat([enc_l(tok_l(prompts)), context_g], dim=-1)
+    assert max_rel(context, want) <= 1e-4 and max_rel(pooled, want_pooled) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+EXCLAIMING = ["wow!!! nice", "hello!", "a!b", "!?", "it!'s", "<|endoftext|>!", "x@<|endoftext|>y", "!!!!!!!!"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(folder):
+    from conftest import require_bpe_vocab
+    from transformers import CLIPTokenizer
+    path, _ = folder
+    out = {}
+    for name, pad in (("tokenizer", clip_text.EOS), ("tokenizer_2", 0)):
+        out[name] = (CLIPTokenizer.from_pretrained(path / name), clip_text.Tokenizer.from_folder(path / name, pad),
+                     clip_text.Tokenizer.from_bpe(require_bpe_vocab(), pad))
+    return out
+
+
+def test_tokenizer_configs_are_sdxls(tokenizers):
+    assert tokenizers["tokenizer"][0].pad_token_id == clip_text.EOS == clip_text.pad_id_for("sd1")
+    assert tokenizers["tokenizer_2"][0].pad_token_id == 0 == clip_text.pad_id_for("sd2")
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "tokenizer_2"])
+def test_ids_equal_transformers_tokenizer_with_sdxls_configs(tokenizers, name):
+    from test_clip_text import PROMPTS
+    hf, from_folder, from_bpe = tokenizers[name]
+    for prompt in PROMPTS + EXCLAIMING:
+        expected = hf(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert from_folder([prompt])[0].tolist() == expected, prompt
+        assert from_bpe([prompt])[0].tolist() == expected, prompt
+
+
+def test_exclamation_mark_is_the_pad_token_in_tokenizer_2(tokenizers):
+    """tokenizer_2's pad token "!" is a special token: each "!" is id 0 (open_clip would give the BPE of "!!!")."""
+    ours_1, ours_2 = tokenizers["tokenizer"][1], tokenizers["tokenizer_2"][1]
+    assert ours_2(["wow!!!"])[0, :6].tolist() == [clip_text.BOS, 2781, 0, 0, 0, clip_text.EOS]
+    assert ours_1(["wow!!!"])[0, :4].tolist() == [clip_text.BOS, 2781, 995, clip_text.EOS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def vae_error(ours, oracle):
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = ours.encode(img)
+        dist = oracle.encode(img).latent_dist
+        dec, want = ours.decode(mean), oracle.decode(mean).sample
+    return max(max_rel(mean, dist.mean), max_rel(logvar, dist.logvar), max_rel(dec, want))
+
+
+def test_vae_original_layout_matches_diffusers_and_takes_sdxls_scale(checkpoint):
+    ckpt, oracle = checkpoint
+    state = component(ckpt, "vae")
+    cfg = vae_lib.config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, "sdxl")
+    assert cfg == vae_lib.config_from_diffusers(tiny.SDXL_VAE_CONFIG, "sdxl")
+    assert cfg.scaling_factor == oracle["vae"].config.scaling_factor == 0.13025 and cfg.force_upcast
+    err = vae_error(load(vae_lib.VAE(cfg), state), oracle["vae"])
+    assert err <= 1e-4, f"max relative diff {err:.2e}"
+
+
+def test_vae_diffusers_layout_loads_by_the_rename_rule(folder):
+    path, oracle = folder
+    cfg = vae_lib.config_from_diffusers(json.loads((path / "vae" / "config.json").read_text()), "sdxl")
+    assert (cfg.scaling_factor, cfg.force_upcast) == (0.13025, True)
+    _, state = folder_state(path, "vae", lambda k: vae_lib.diffusers_to_original(k, cfg))
+    err = vae_error(load(vae_lib.VAE(cfg), state), oracle["vae"])
+    assert err <= 1e-4, f"max relative diff {err:.2e}"
+
+
+def test_sd_vae_configs_keep_sds_scale_and_no_upcast():
+    """A re-saved SD folder says force_upcast: true (diffusers' default), but diffusers' SD pipeline ignores it."""
+    cfg = vae_lib.config_from_diffusers(dict(tiny.VAE_CONFIG, force_upcast=True))
+    assert (cfg.scaling_factor, cfg.force_upcast) == (vae_lib.SCALE, False) == (0.18215, False)
+    assert vae_lib.config_from_shapes({k: tuple(v.shape) for k, v in vae_lib.VAE(cfg).state_dict().items()}) == cfg
+
+
+def test_force_upcast_decodes_fp16_in_fp32():
+    """A tiny VAE whose activations pass fp16's 65504 (the decoder's first conv scaled up; GroupNorm, with fp32
+    statistics, brings the values back to a normal range after it)."""
+    model = tiny.randomize_(vae_lib.VAE(vae_lib.config_from_diffusers(tiny.SDXL_VAE_CONFIG, "sdxl")), 7).half()
+    with torch.no_grad():
+        model.decoder.conv_in.weight.mul_(1e4)
+    z = (30 * torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))).half()
+    plain = copy.deepcopy(model)
+    plain.cfg = dataclasses.replace(model.cfg, force_upcast=False)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).float().decode(z.float())  # fp32 maths on the same fp16 numbers
+        overflowed = plain.decode(z)
+        out = model.decode(z)
+    assert torch.isfinite(ref).all() and not torch.isfinite(overflowed).all()  # fp16 really overflows here
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert next(model.parameters()).dtype == torch.float32  # upcast for good, as diffusers' pipeline does
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The full-size architecture, on `meta`: our names and shapes are the official ones
+
+
+SDXL_UNET = dict(tiny.sdxl_unet_config(), sample_size=128, block_out_channels=(320, 640, 1280),
+                 attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                 projection_class_embeddings_input_dim=2816)  # unet/config.json of stable-diffusion-xl-base-1.0
+
+
+def shapes(state: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_full_size_unet_has_the_official_names_and_shapes():
+    """Our module keys, through diffusers' own converter, are exactly diffusers' SDXL UNet keys, one for one."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    cfg = unet_lib.config_from_diffusers(SDXL_UNET)
+    with torch.device("meta"):
+        ours = unet_lib.UNet(cfg).state_dict()
+        theirs = UNet2DConditionModel(**SDXL_UNET).state_dict()
+    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in ours.items()}, SDXL_UNET)
+    assert len(ours) == len(converted) == len(theirs) == 1680
+    assert shapes(converted) == shapes(theirs)
+    assert sum(v.numel() for v in ours.values()) == 2_567_463_684
+    assert unet_lib.config_from_shapes(shapes(ours), "sdxl") == cfg
+    assert (cfg.transformer_depth, cfg.transformer_depth_middle, cfg.adm_in_channels) == ((0, 2, 10), 10, 2816)
+
+
+VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+             hidden_act="quick_gelu", projection_dim=768)
+BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+            projection_dim=1280)
+
+
+def test_full_size_text_encoders_have_the_official_names_and_shapes():
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    with torch.device("meta"):
+        # ViT-L (Hugging Face names in the file): ours are the official keys but for the ones SDXL does not run
+        cfg_l = clip_text.config_from_diffusers(VIT_L, sdxl=True)
+        ours_l = clip_text.build_text_encoder(cfg_l).state_dict()
+        official_l = tiny._hf_text_state(CLIPTextModel(CLIPTextConfig(**VIT_L)).state_dict())
+        official_l = {"text_model." + k: v for k, v in official_l.items()}
+        # bigG (OpenCLIP names): converted by diffusers to transformers' names, ours are exactly transformers' keys
+        cfg_g = clip_text.config_from_diffusers(BIGG, sdxl=True)
+        ours_g = clip_text.build_text_encoder(cfg_g).state_dict()
+        model_g = CLIPTextModelWithProjection(CLIPTextConfig(**BIGG))
+        prefix = "conditioner.embedders.1.model."
+        file_g = {prefix + clip_text.module_to_original_key(k, "sd2"): v for k, v in ours_g.items()}
+        converted_g = convert_open_clip_checkpoint(model_g, file_g, prefix=prefix)
+    assert shapes(ours_l) == {k: s for k, s in shapes(official_l).items() if k in ours_l}
+    unused = set(official_l) - set(ours_l)
+    assert unused and all(clip_text.ignored_original_key(k, cfg_l) for k in unused)
+    assert unused == {k for k in official_l if k.startswith(("text_model.encoder.layers.11.", "text_model.final_"))}
+    assert len(ours_g) == 32 * 12 + 5 and shapes(converted_g) == shapes(model_g.state_dict())
+    assert shapes(ours_g)["text_projection"] == (1280, 1280)
+
+
+def test_full_size_vae_has_the_official_names_and_shapes():
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    config = dict(tiny.SDXL_VAE_CONFIG, block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024)
+    with torch.device("meta"):
+        ours = vae_lib.VAE(vae_lib.config_from_diffusers(config, "sdxl")).state_dict()
+        theirs = AutoencoderKL(**config).state_dict()
+    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ours.items()}, config)
+    assert len(ours) == len(converted) == len(theirs) and shapes(converted) == shapes(theirs)
