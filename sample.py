@@ -87,17 +87,19 @@ def grid(images):
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
-    dtype = DTYPES[a.dtype] if a.dtype else (torch.float16 if a.device.startswith("cuda") else torch.float32)
-    model = sd.load(a.model, device=a.device, dtype=dtype, prediction_type=a.prediction_type, vocab=a.vocab)
+    # sample_config.json keeps the values used, not the "default" placeholders
+    a.dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
+    a.batch_size = a.batch_size or a.num_images
+    model = sd.load(a.model, device=a.device, dtype=DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
+    a.prediction_type = model.prediction_type
     if a.shifts:
         shifts.apply_shift_files(model, a.shifts, force=a.force, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     # All initial latents first, from one generator, as diffusers draws them for num_images_per_prompt.
     latents = sd.initial_latents(model, a.num_images, a.height, a.width, generator)
-    batch = a.batch_size or a.num_images
     images = []
-    for i in range(0, a.num_images, batch):
-        n = min(batch, a.num_images - i)
+    for i in range(0, a.num_images, a.batch_size):
+        n = min(a.batch_size, a.num_images - i)
         images += sd.to_pil(sd.text_to_image(model, [a.prompt] * n, a.negative_prompt, a.steps, a.guidance,
                                              a.eta, generator, a.height, a.width, latents=latents[i:i + n]))
     out = Path(a.out)

@@ -11,6 +11,9 @@ device, so the process never holds two copies of the model.
 import hashlib
 import json
 from dataclasses import dataclass, field
+import pickle
+import re
+import struct
 from pathlib import Path
 
 import torch
@@ -111,16 +114,22 @@ def _safetensors_header(path: Path) -> dict:
 def _torch_load(path: Path) -> dict:
     # weights_only=True: a .ckpt/.bin is a pickle, and unpickling arbitrary code from a download is not safe.
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
         try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                             "is it truncated? A .safetensors file is safer if one is available") from None
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read safely as a PyTorch checkpoint ({str(e).splitlines()[0]}); "
-                         "download it again or use the .safetensors version") from None
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any object but tensors, containers, numbers and strings (a damaged pickle may
+        # also land here); torch's message is a page long, its reason one line
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(\. Please|$)", str(e), re.M)
+        raise ValueError(f"{path}: refused: it holds objects other than tensors, which only unpickling (running "
+                         f"code from the file) would load ({reason.group(1) if reason else 'not a weights file'}); "
+                         "use the .safetensors version of the model") from None
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, AssertionError, struct.error) as e:
+        # what torch.load raises for truncated or damaged files (zip reader, legacy reader, unpickler)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({reason}); is it truncated? Download "
+                         "it again, or use the .safetensors version") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # .ckpt: {"state_dict": ..., "global_step"}
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -321,16 +330,34 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
 # (b) a diffusers folder
 
 
-def _weights_file(folder: Path, stem: str) -> list[Path]:
-    """The weight file(s) of one diffusers component: safetensors preferred, fp32 before the fp16 variant."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
-        index = folder / f"{name}.index.json"  # sharded: the index lists the shard files
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
-    raise ValueError(f"{folder}: no weights file ({stem}.safetensors or .bin); the diffusers folder is incomplete")
+def _weights_file(folder: Path, stems: tuple[str, ...]) -> list[Path]:
+    """The weight file(s) of one diffusers component: safetensors before .bin, fp32 before the fp16 variant; one
+    file, or the shards its index lists. `stems`: the file names without extension (transformers calls its
+    safetensors model.safetensors but its pickles pytorch_model.bin)."""
+    for ext in ("safetensors", "bin"):
+        for variant in ("", ".fp16"):
+            for stem in stems:
+                if (folder / f"{stem}{variant}.{ext}").is_file():
+                    return [folder / f"{stem}{variant}.{ext}"]
+                # save_pretrained(max_shard_size=...) writes {stem}-00001-of-0000N.{ext} and this index
+                index = folder / f"{stem}.{ext}.index{variant}.json"
+                if index.is_file():
+                    return _shards(index)
+    raise ValueError(f"{folder}: no weights file ({stems[0]}.safetensors or .bin); the diffusers folder is "
+                     "incomplete")
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{index}: not a valid shard index (a JSON object with a weight_map); the diffusers "
+                         "folder is corrupt") from None
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise ValueError(f"{index}: lists {len(missing)} shard(s) that are not there (e.g. {missing[0]}); the "
+                         "download is incomplete")
+    return [index.parent / n for n in names]
 
 
 def _read_config(folder: Path) -> dict:
@@ -343,11 +370,11 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{cfg}: not valid JSON; the diffusers folder is corrupt") from None
 
 
-def _load_component_folder(folder: Path, stem: str, rename, device, dtype, digests=None) -> dict:
+def _load_component_folder(folder: Path, stems: tuple[str, ...], rename, device, dtype, digests=None) -> dict:
     """One component's tensors, renamed to our module keys and cast; `digests` (a dict) collects their
     tensor_digests as stored."""
     state = {}
-    for file in _weights_file(folder, stem):
+    for file in _weights_file(folder, stems):
         tf = TensorFile(file)
         for k, t in tf.tensors(list(tf.shapes)):
             new = rename(k)
@@ -374,18 +401,18 @@ def _load_folder(path: Path, device, dtype, components):
         cfg = unet_lib.config_from_diffusers(_read_config(path / "unet"))
         if cfg.context_dim == 1024:
             family = "sd2"
-        state = _load_component_folder(path / "unet", "diffusion_pytorch_model",
+        state = _load_component_folder(path / "unet", ("diffusion_pytorch_model",),
                                        lambda k: unet_lib.diffusers_to_original(k, cfg), device, dtype,
                                        digests["unet"])
         modules["unet"] = _build(lambda: unet_lib.UNet(cfg), state, "UNet", path / "unet")
     if "vae" in components:
         vcfg = vae_lib.config_from_diffusers(_read_config(path / "vae"))
-        state = _load_component_folder(path / "vae", "diffusion_pytorch_model",
+        state = _load_component_folder(path / "vae", ("diffusion_pytorch_model",),
                                        lambda k: vae_lib.diffusers_to_original(k, vcfg), device, dtype)
         modules["vae"] = _build(lambda: vae_lib.VAE(vcfg), state, "VAE", path / "vae")
     tokenizer = None
     if "text_encoder" in components:
-        state = _load_component_folder(path / "text_encoder", "model",
+        state = _load_component_folder(path / "text_encoder", ("model", "pytorch_model"),
                                        lambda k: clip_text.diffusers_to_original(k, text_cfg), device, dtype,
                                        digests["text_encoder"])
         if text_cfg.family == "sd2":

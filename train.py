@@ -140,7 +140,9 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
     for f in files:
         try:
             x, warning = load_image(f, resolution)
-        except Exception as e:  # PIL raises many kinds for broken files
+        except (OSError, SyntaxError, ValueError, OverflowError) as e:
+            # what PIL raises for damaged files: OSError (UnidentifiedImageError, truncated data), SyntaxError
+            # (broken PNG chunks), ValueError and OverflowError (nonsense BMP headers); not MemoryError or a bug
             if f == folder:
                 raise ValueError(f"{flag} {f}: cannot be read as an image ({type(e).__name__}); "
                                  "pass a JPEG/PNG/WebP/BMP file") from None

@@ -1,4 +1,5 @@
 """sample.py gives diffusers' StableDiffusionPipeline images for the same seed; bad input is one clear line."""
+import json
 import subprocess
 import sys
 
@@ -8,7 +9,9 @@ import torch
 from PIL import Image
 
 import sample
+import sd
 import shifts
+import svdiff
 import tiny
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
@@ -42,6 +45,62 @@ def test_images_equal_stable_diffusion_pipeline(tmp_path, bpe_vocab, family, eta
         ours = np.asarray(Image.open(tmp_path / "out" / f"{i:03d}.png")).astype(np.int16)
         assert np.abs(ours - ref[i]).max() <= 2, f"image {i}: max diff {np.abs(ours - ref[i]).max()}/255"
     assert (tmp_path / "out" / "grid.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    """A tiny SD1 folder and a shift file of random δ on its cross-attention k/v."""
+    from conftest import tiny_model_folder
+    root = tiny_model_folder(tmp_path_factory, "sample")
+    model = sd.load(root / "model")
+    svdiff.add_spectral_shifts(model, subset="cross-attn-kv", progress=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, m in svdiff.shifts(model):
+            m.delta.copy_(torch.randn(m.delta.shape, generator=g) * m.sigma.mean())
+    shifts.save_shift_file(model, root / "shifts.safetensors", subset="cross-attn-kv")
+    return root
+
+
+def run_sample(root, out, *extra):
+    sample.main(["--model", str(root / "model"), "--prompt", "a photo of a dog", "--steps", "2", "--height", "64",
+                 "--width", "64", "--device", "cpu", "--out", str(out), *map(str, extra)])
+    return [np.asarray(Image.open(p), dtype=int) for p in sorted(out.glob("[0-9][0-9][0-9].png"))]
+
+
+def test_smaller_batches_give_the_images_of_one_batch_at_eta_0(shifted, tmp_path):
+    """Only float rounding differs (batched GEMMs sum in another order): ~2e-5 before rounding, so a pixel may
+    round the other way, by 1/255. Other latents would differ everywhere."""
+    whole = run_sample(shifted, tmp_path / "whole", "--num-images", 3)
+    batched = run_sample(shifted, tmp_path / "batched", "--num-images", 3, "--batch-size", 2)
+    assert len(whole) == len(batched) == 3
+    for i, (a, b) in enumerate(zip(whole, batched)):
+        assert np.abs(a - b).max() <= 1, f"image {i}: max diff {np.abs(a - b).max()}/255"
+    assert np.abs(whole[0] - whole[1]).max() > 10  # the images differ from each other: the test can tell them apart
+
+
+def test_sample_config_holds_the_resolved_arguments(shifted, tmp_path):
+    run_sample(shifted, tmp_path / "out", "--num-images", 2, "--seed", 7, "--shifts", shifted / "shifts.safetensors")
+    config = json.loads((tmp_path / "out" / "sample_config.json").read_text())
+    assert set(config) == set(vars(sample.parse_args(["--model", "m", "--prompt", "p", "--out", "o"])))  # every flag
+    assert config["prompt"] == "a photo of a dog" and config["seed"] == 7 and config["num_images"] == 2
+    assert config["shifts"] == [str(shifted / "shifts.safetensors")]
+    # the defaults that depend on the device, the model or other flags, as they were used
+    assert config["dtype"] == "fp32" and config["batch_size"] == 2 and config["prediction_type"] == "epsilon"
+
+
+def test_svd_cache_is_written_by_the_first_shifts_run_and_reused_by_the_next(shifted, tmp_path, monkeypatch):
+    calls = []
+    svd = svdiff.svd
+    monkeypatch.setattr(svdiff, "svd", lambda w: calls.append(1) or svd(w))
+    cache = tmp_path / "svd.safetensors"
+    args = ["--num-images", 1, "--shifts", shifted / "shifts.safetensors", "--svd-cache", cache]
+    first = run_sample(shifted, tmp_path / "first", *args)
+    assert cache.is_file() and len(calls) > 0
+    calls.clear()
+    again = run_sample(shifted, tmp_path / "again", *args)
+    assert calls == []  # every factor came from the cache
+    assert np.array_equal(first[0], again[0])
 
 
 def run_cli(*args):

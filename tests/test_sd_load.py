@@ -1,4 +1,5 @@
 """sd.load reads both official layouts (single file, diffusers folder) and gives diffusers' numbers."""
+import pickle
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sd
 import tiny
@@ -56,6 +57,33 @@ def test_diffusers_folder_matches_diffusers(tmp_path, bpe_vocab, family, variant
     diffs = max_diffs(model, oracle)
     assert max(diffs.values()) <= 1e-4, diffs
     assert model.tokenizer(["a photo"]).shape == (1, 77)
+
+
+def test_diffusers_folder_of_bin_files_matches_diffusers(tmp_path, bpe_vocab):
+    """As old Hub repos have them: torch.save'd state dicts, the text encoder's as pytorch_model.bin with
+    transformers' older keys (text_model. prefix, position_ids buffer)."""
+    oracle = tiny.write_folder(tmp_path, "sd1", bpe_vocab)
+    for sub, stem, old_stem in (("unet", "diffusion_pytorch_model", "diffusion_pytorch_model"),
+                                ("vae", "diffusion_pytorch_model", "diffusion_pytorch_model"),
+                                ("text_encoder", "model", "pytorch_model")):
+        state = load_file(str(tmp_path / sub / f"{stem}.safetensors"))
+        (tmp_path / sub / f"{stem}.safetensors").unlink()
+        if sub == "text_encoder":
+            state = {"text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
+            state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        torch.save(state, tmp_path / sub / f"{old_stem}.bin")
+    diffs = max_diffs(sd.load(tmp_path), oracle)
+    assert max(diffs.values()) <= 1e-4, diffs
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_sharded_diffusers_folder_matches_diffusers(tmp_path, bpe_vocab, variant):
+    oracle = tiny.write_folder(tmp_path, "sd1", bpe_vocab, dtype=torch.float16 if variant else torch.float32,
+                               variant=variant, max_shard_size="1MB")
+    assert len(list((tmp_path / "unet").glob("diffusion_pytorch_model*-of-*.safetensors"))) > 1
+    assert len(list((tmp_path / "text_encoder").glob("model*-of-*.safetensors"))) > 1
+    diffs = max_diffs(sd.load(tmp_path), oracle)
+    assert max(diffs.values()) <= 1e-4, diffs
 
 
 def test_prediction_type_override_and_components(tmp_path, bpe_vocab):
@@ -126,8 +154,46 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 
 def test_corrupt_ckpt_is_a_clear_error(tmp_path):
     path = tmp_path / "m.ckpt"
-    path.write_bytes(b"this is not a checkpoint")
+    path.write_bytes(b"this is not a checkpoint")  # the unpickler fails with IndexError
     assert "cannot be read" in _error(path)
+    path.write_bytes(b"")  # EOFError
+    assert "cannot be read" in _error(path)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:2000])  # truncated zip: RuntimeError
+    assert "truncated" in _error(path)
+
+
+class WritesAFile:
+    """Unpickling this calls open(marker, "w"): what a malicious checkpoint does to run code."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_ckpt_that_would_run_code_is_refused_without_running_it(tmp_path, writer):
+    path, marker = tmp_path / "evil.ckpt", tmp_path / "code-ran"
+    ckpt = {"state_dict": {"model.diffusion_model.conv_in.weight": torch.zeros(3), "x": WritesAFile(marker)}}
+    if writer == "torch.save":
+        torch.save(ckpt, path)
+    else:  # an old-style plain pickle, not torch's zip format
+        path.write_bytes(pickle.dumps(ckpt, protocol=2))  # as old .ckpt files are
+    assert "refused" in _error(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError, TypeError])
+def test_ckpt_loader_reports_only_unreadable_files_as_unreadable(tmp_path, monkeypatch, error):
+    """Running out of memory, or a bug, is not a damaged file: it is raised as it is."""
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+    def fail(*args, **kwargs):
+        raise error("not about the file")
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(error):
+        sd.load(path)
 
 
 def test_folder_missing_a_component_is_a_clear_error(tmp_path, bpe_vocab):

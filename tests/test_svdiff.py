@@ -1,6 +1,7 @@
 """svdiff.py: Eq. 2 in all its forms agrees, shifts files are portable, and the counts are the paper's."""
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -277,10 +278,34 @@ def test_sd15_all_shift_file_size(tmp_path):
     assert os.path.getsize(tmp_path / "h.safetensors") < 0.55 * size
 
 
-def test_slerp_endpoints_and_norm():
+def test_slerp_is_shoemakes_formula_per_sample_from_end_to_end():
+    """Eq. 7 against sin-weights computed in float64 with numpy, each sample of the batch at its own angle."""
     z, n = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     assert torch.allclose(svdiff.slerp(0.0, z, n), z, atol=1e-5)
     assert torch.allclose(svdiff.slerp(1.0, z, n), n, atol=1e-5)
+    n[1] = -0.5 * z[1] + 0.3 * n[1]  # a wide angle in the second sample, a right-ish one in the first
+    for alpha in (0.25, 0.5):
+        ours = svdiff.slerp(alpha, z, n).double().numpy()
+        for a, b, o in zip(z.double().numpy(), n.double().numpy(), ours):
+            theta = np.arccos(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+            ref = (np.sin((1 - alpha) * theta) * a + np.sin(alpha * theta) * b) / np.sin(theta)
+            assert np.abs(o - ref).max() <= 1e-5
+
+
+def test_slerp_between_orthogonal_latents_of_equal_norm_keeps_the_norm():
+    """On the great circle through a and b, a point at α is |a| (cos(απ/2) e1 + sin(απ/2) e2) with e1, e2 the
+    unit vectors of a and b: the norm of noise is kept where a straight line (lerp) would shrink it by up to √2."""
+    a = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    b = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    fa, fb = a.flatten(1), b.flatten(1)
+    fb -= (fa * fb).sum(1, keepdim=True) / fa.square().sum(1, keepdim=True) * fa  # orthogonal to a, per sample
+    fb *= fa.norm(dim=1, keepdim=True) / fb.norm(dim=1, keepdim=True)            # and of a's norm
+    a, b = a.float(), b.float()
+    for alpha in np.linspace(0, 1, 9):
+        out = svdiff.slerp(float(alpha), a, b).flatten(1).double()
+        assert torch.allclose(out.norm(dim=1), fa.norm(dim=1), rtol=1e-5)
+        rotated = np.cos(alpha * np.pi / 2) * fa + np.sin(alpha * np.pi / 2) * fb
+        assert (out - rotated).abs().max() <= 1e-5
 
 
 def test_prior_preservation_loss_is_instance_plus_weighted_prior():

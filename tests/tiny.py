@@ -157,19 +157,22 @@ SCHEDULER = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_sta
                  timestep_spacing="leading")
 
 
-def write_folder(path: Path, family: str, bpe_gz: Path, dtype=torch.float32, variant=None, prediction_type=None):
-    """A diffusers folder of random models (as save_pretrained writes them); return the oracle models."""
+def write_folder(path: Path, family: str, bpe_gz: Path, dtype=torch.float32, variant=None, prediction_type=None,
+                 max_shard_size=None):
+    """A diffusers folder of random models (as save_pretrained writes them, in shards of `max_shard_size` if
+    given, e.g. "1MB"); return the oracle models."""
     oracle = dict(unet=randomize_(_oracle_unet(family), 11), vae=randomize_(_oracle_vae(), 12),
                   text_encoder=randomize_(_oracle_text(family), 13))
-    save_folder(path, oracle, family, bpe_gz, dtype, variant, prediction_type)
+    save_folder(path, oracle, family, bpe_gz, dtype, variant, prediction_type, max_shard_size)
     return oracle
 
 
 def save_folder(path: Path, oracle: dict, family: str, bpe_gz: Path, dtype=torch.float32, variant=None,
-                prediction_type=None):
+                prediction_type=None, max_shard_size=None):
     """The oracle models (e.g. those write_single_file returns: the same weights) saved as a diffusers folder."""
+    shard = dict(max_shard_size=max_shard_size) if max_shard_size else {}
     for name, m in oracle.items():
-        m.to(dtype).save_pretrained(path / name, variant=variant)
+        m.to(dtype).save_pretrained(path / name, variant=variant, **shard)
         m.float()
     write_tokenizer_files(path / "tokenizer", bpe_gz, family)
     sched = dict(SCHEDULER, prediction_type=prediction_type or ("epsilon" if family == "sd1" else "v_prediction"))
