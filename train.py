@@ -327,7 +327,8 @@ def train(a, instances=None):
         mean_logvar, mean_logvar_flip = latent_pairs
         idx = torch.randint(len(mean_logvar), (n,), generator=gen)
         flip = torch.rand(n, generator=gen) < 0.5 if a.flip else torch.zeros(n, dtype=torch.bool)
-        m = torch.where(flip[:, None, None, None], mean_logvar_flip[idx], mean_logvar[idx])
+        # drawn on the CPU (one generator for every device); torch.where wants the mask beside the latents
+        m = torch.where(flip[:, None, None, None].to(mean_logvar.device), mean_logvar_flip[idx], mean_logvar[idx])
         mean, logvar = m.chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean.device)
         return z * vae_lib.SCALE, idx
@@ -399,6 +400,7 @@ def train(a, instances=None):
             raise ValueError(f"the loss became {loss.item()} at step {step + 1}; stopped. The last good shift file "
                              f"is kept in {out}; lower --lr or use --dtype fp32/bf16")
         optimizer.zero_grad(set_to_none=True)
+        loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale these gradients are made with
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -406,7 +408,8 @@ def train(a, instances=None):
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step + 1, "loss": loss.detach().item(), "prior_loss": float(prior_loss.detach()),
                                 "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
-                                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}) + "\n")
+                                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+                               | ({"loss_scale": loss_scale} if loss_scale is not None else {})) + "\n")
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
             save(step + 1)
