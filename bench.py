@@ -44,8 +44,10 @@ LORA_RANK = 4
 LORA_TARGETS = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")  # diffusers' default target_modules
 METHODS = ("svdiff", "naive", "lora", "full")
 PARTS = ("svd", "files", "training", "sampling", "memory")
-SUMMARY_KEYS = ("fast_vs_naive", "fast_vs_full", "fast_vs_lora", "svd_seconds", "svd_cached_seconds",
+SUMMARY_KEYS = ("fast_vs_naive", "fast_vs_full", "fast_vs_lora", "svd_seconds", "svd_cached_seconds", "svd_vs_lapack",
                 "merged_vs_base_sampling", "shift_file_bytes")
+# svd_vs_lapack times every 8th matrix of the `all` set: LAPACK's SVD of all 356 would take ~10 minutes on 2 cores
+SVD_SAMPLE_EVERY = 8
 
 
 def parse_args(argv=None):
@@ -288,10 +290,12 @@ def median(xs):
 # The measurements
 
 
-def bench_svd(model, cache: Path, progress: bool):
+def bench_svd(model, cache: Path, device, progress: bool):
     """SVD of every `all` matrix of UNet + text encoder: cold (computing them, and writing the cache), then from
     the cache into fresh layers, counting the reading of every factor (the cache is memory-mapped, so reading
-    happens at first use). Leaves the model with its shifts added from the cache."""
+    happens at first use). Then our route against torch.linalg.svd (LAPACK on the CPU, cuSOLVER on CUDA) on the
+    same matrices in the same run: svd_vs_lapack = ours ÷ theirs, a ratio that does not drift with the machine's
+    load as the seconds do. Leaves the model with its shifts added from the cache."""
     cache.unlink(missing_ok=True)
     t0 = time.perf_counter()
     svdiff.add_spectral_shifts(model, "all", cache=cache, progress=progress)
@@ -303,8 +307,28 @@ def bench_svd(model, cache: Path, progress: bool):
     for _, m in svdiff.shifts(model):
         if m.kind != "norm":
             m.U.sum(), m.Vh.sum()
+    sync(device)
     cached = time.perf_counter() - t0
-    return {"svd_seconds": cold, "svd_cached_seconds": cached, "svd_cache_bytes": cache.stat().st_size}
+    return {"svd_seconds": cold, "svd_cached_seconds": cached, "svd_cache_bytes": cache.stat().st_size,
+            **svd_vs_lapack(model, device)}
+
+
+def svd_vs_lapack(model, device):
+    """svdiff.svd (Gram + eigh) and torch.linalg.svd, both float64 from the weight, on every SVD_SAMPLE_EVERY-th
+    matrix in model order, each matrix by both in turn (the order flips every matrix), after one untimed call of
+    each (library start-up). Returns the ratio of the summed seconds and the seconds."""
+    matrices = [svdiff.matrix_of(m.base) for _, m in svdiff.shifts(model) if m.kind != "norm"]
+    sample = matrices[::SVD_SAMPLE_EVERY]
+    ours = lambda W: (lambda: svdiff.svd(W))
+    lapack = lambda W: (lambda: torch.linalg.svd(W.detach().double(), full_matrices=False))
+    ours(sample[0])(), lapack(sample[0])()
+    seconds = {"ours": 0.0, "lapack": 0.0}
+    for i, W in enumerate(sample):
+        pair = (("ours", ours(W)), ("lapack", lapack(W)))
+        for name, fn in (pair if i % 2 == 0 else pair[::-1]):
+            seconds[name] += timed(fn, device)
+    return {"svd_vs_lapack": seconds["ours"] / seconds["lapack"], "svd_sample_seconds": seconds,
+            "svd_sample_matrices": len(sample), "svd_matrices": len(matrices)}
 
 
 def bench_files(methods: Methods, folder: Path):
@@ -364,6 +388,7 @@ def bench_sampling(methods: Methods, batch, reps: int, tiny: bool, folder: Path,
     shifted = build_model(tiny, device, next(model.unet.parameters()).dtype)
     t0 = time.perf_counter()
     shifts.apply_shift_files(shifted, [str(folder / "sample_shifts.safetensors")], cache=cache)
+    sync(device)
     apply_seconds = time.perf_counter() - t0
     x_t, t, ids, _ = batch
     with torch.no_grad(), autocast(device):
@@ -450,7 +475,10 @@ def table(r) -> str:
     if "svd_seconds" in r:
         lines += [f"| SVD of UNet + text encoder, cold (and writing the cache) | {r['svd_seconds']:.1f} s |",
                   f"| SVD from the cache ({gb(r['svd_cache_bytes'])}, read into memory) | "
-                  f"{r['svd_cached_seconds']:.1f} s |"]
+                  f"{r['svd_cached_seconds']:.1f} s |",
+                  f"| SVD, ours ÷ torch.linalg.svd (float64, same run; every {SVD_SAMPLE_EVERY}th matrix: "
+                  f"{r['svd_sample_matrices']} of {r['svd_matrices']}) | {r['svd_sample_seconds']['ours']:.2f} s / "
+                  f"{r['svd_sample_seconds']['lapack']:.2f} s = {r['svd_vs_lapack']:.3f} |"]
     if "sampling_seconds" in r:
         s = r["sampling_seconds"]
         lines.append(f"| sampling, UNet step (batch 2): base / shifts merged by apply_shift_files | "
@@ -486,7 +514,7 @@ def main(argv=None):
         model = build_model(a.tiny, device, dtype)
         r["unet_params"] = sum(p.numel() for p in model.unet.parameters())
         if "svd" in parts:
-            r |= bench_svd(model, cache, progress=not a.tiny)
+            r |= bench_svd(model, cache, device, progress=not a.tiny)
         methods = Methods(model, cache, device)
         batch = make_batch(model, a.resolution, device)
         if "files" in parts:

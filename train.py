@@ -333,7 +333,8 @@ def train(a, instances=None):
         mean_logvar, mean_logvar_flip = latent_pairs
         idx = torch.randint(len(mean_logvar), (n,), generator=gen)
         flip = torch.rand(n, generator=gen) < 0.5 if a.flip else torch.zeros(n, dtype=torch.bool)
-        m = torch.where(flip[:, None, None, None], mean_logvar_flip[idx], mean_logvar[idx])
+        # drawn on the CPU (one generator for every device); torch.where wants the mask beside the latents
+        m = torch.where(flip[:, None, None, None].to(mean_logvar.device), mean_logvar_flip[idx], mean_logvar[idx])
         mean, logvar = m.chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean.device)
         return z * vae_lib.SCALE, idx
@@ -421,6 +422,7 @@ def train(a, instances=None):
             if last:
                 break
             optimizer.zero_grad(set_to_none=True)
+            loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale these gradients are made with
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -431,7 +433,8 @@ def train(a, instances=None):
                 f.write(json.dumps({"step": done + 1, "loss": loss.detach().item(),
                                     "prior_loss": float(prior_loss.detach()),
                                     "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
-                                    "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}) + "\n")
+                                    "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+                                   | ({"loss_scale": loss_scale} if loss_scale is not None else {})) + "\n")
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if a.sample_every and ((done + 1) % a.sample_every == 0 or done + 1 == a.steps):

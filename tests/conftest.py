@@ -9,7 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # the program's flat modules: unet, vae, clip_text, ddim, sd, svdiff
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: tiny random SD models in both layouts
 
-BPE_VOCAB = ROOT.parent / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+# The real CLIP vocabulary: in shared/ beside the checkout, or inside it (a GPU machine gets the checkout alone)
+BPE_VOCAB = next((p for p in (ROOT.parent / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz",
+                              ROOT / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz") if p.is_file()),
+                 ROOT.parent / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz")
 
 
 def missing_fixture(reason):
@@ -51,14 +54,15 @@ def _seed_torch():
     torch.manual_seed(0)
 
 
-def load_with_shifts(model_path, shift_file=None):
-    """A model from `model_path`, with the (unmerged) shifts of `shift_file` when one is given."""
+def load_with_shifts(model_path, shift_file=None, force=False, **load_args):
+    """A model from `model_path` (sd.load's `load_args`: device, dtype, vocab), with the (unmerged) shifts of
+    `shift_file` when one is given (`force`: also when trained on weights loaded in another precision)."""
     import sd
     import shifts
     import svdiff
-    model = sd.load(model_path)
+    model = sd.load(model_path, **load_args)
     if shift_file:
         tensors, _ = shifts.read_shift_file(shift_file)
         svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
-        shifts.load_shift_file(model, shift_file)
+        shifts.load_shift_file(model, shift_file, force=force)
     return model

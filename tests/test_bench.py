@@ -52,13 +52,16 @@ def test_tiny_run_reports_every_figure_and_ends_with_the_json_summary(tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(bench.SUMMARY_KEYS) <= set(summary)
     assert all(isinstance(summary[k], (int, float)) and summary[k] > 0 for k in bench.SUMMARY_KEYS)
+    assert summary["svd_vs_lapack"] > 0  # ours ÷ torch.linalg.svd on a sample of the matrices, same run
     everything = json.loads((tmp_path / "bench.json").read_text())
     assert set(everything["peak_bytes"]) == set(bench.PROBES)
     peak = everything["peak_bytes"]
     assert peak["full"] > peak["model"] and peak["svdiff"] > peak["model"]  # each child measures only itself
     assert everything["shift_floats"] == sum(svdiff.shift_length(m) for _, _, m in
                                              svdiff.shiftable_modules(bench.build_model(True, "cpu", torch.float32)))
-    assert "| SVDiff, fast path (auto) |" in out.stdout
+    assert "| SVDiff, fast path (auto) |" in out.stdout and "ours ÷ torch.linalg.svd" in out.stdout
+    assert 1 <= everything["svd_sample_matrices"] < everything["svd_matrices"]
+    assert all(s > 0 for s in everything["svd_sample_seconds"].values())
 
 
 def test_bad_arguments_get_one_line_and_exit_1():

@@ -76,6 +76,34 @@ def _hf_text_state(state):
     return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
+def original_checkpoint(unet, vae, text, family: str) -> dict:
+    """Our modules' tensors under their names in an ORIGINAL single-file checkpoint."""
+    ckpt = {sd.checkpoint_key("unet", k, family): v for k, v in unet.state_dict().items()}
+    ckpt |= {sd.checkpoint_key("vae", k, family): v for k, v in vae.state_dict().items()}
+    ckpt |= {sd.checkpoint_key("text_encoder", k, family): v for k, v in text.state_dict().items()}
+    return ckpt
+
+
+def write_ours(path: Path, size="tiny", dtype=torch.float32, device="cpu"):
+    """An SD1 single file of OUR modules with random weights and no oracle, so it needs neither diffusers nor
+    transformers (the GPU machine has neither). size "tiny": the tiny SD1 architecture, randomized as
+    write_single_file randomizes it; "sd15": SD1.5's UNet, VAE and CLIP ViT-L/14 with PyTorch's default inits,
+    built on `device` (fast on a GPU). The GPU lane compares runs with each other, not with an oracle."""
+    if size == "tiny":
+        ucfg, vcfg = unet_lib.config_from_diffusers(unet_config("sd1")), vae_lib.config_from_diffusers(VAE_CONFIG)
+        tcfg = clip_text.TextConfig(width=TEXT_WIDTH, layers=2, heads=TEXT_WIDTH // 64, intermediate=4 * TEXT_WIDTH)
+    else:
+        ucfg, vcfg, tcfg = unet_lib.UNetConfig(), vae_lib.VAEConfig(), clip_text.TextConfig()  # SD1.5's
+    torch.manual_seed(0)
+    with torch.device(device if size == "sd15" else "cpu"):
+        modules = unet_lib.UNet(ucfg), vae_lib.VAE(vcfg), clip_text.build_text_encoder(tcfg)
+    if size == "tiny":
+        modules = [randomize_(m, seed) for m, seed in zip(modules, (1, 2, 3))]
+    ckpt = {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in original_checkpoint(*modules, "sd1").items()}
+    save_file(ckpt, str(path))
+
+
 def write_single_file(path: Path, family: str, dtype=torch.float32, extras=True):
     """Draw original-layout tensors and write one checkpoint file; return the oracle models (diffusers/HF)."""
     ucfg = unet_lib.config_from_diffusers(unet_config(family))
@@ -84,9 +112,7 @@ def write_single_file(path: Path, family: str, dtype=torch.float32, extras=True)
     tcfg = clip_text.config_from_diffusers(text_config(family).to_dict())
     ours_text = randomize_(clip_text.build_text_encoder(tcfg), 3)
 
-    ckpt = {sd.checkpoint_key("unet", k, family): v for k, v in ours_unet.state_dict().items()}
-    ckpt |= {sd.checkpoint_key("vae", k, family): v for k, v in ours_vae.state_dict().items()}
-    ckpt |= {sd.checkpoint_key("text_encoder", k, family): v for k, v in ours_text.state_dict().items()}
+    ckpt = original_checkpoint(ours_unet, ours_vae, ours_text, family)
     g = torch.Generator().manual_seed(4)
     if family == "sd2":
         # A real SD2 file holds all 24 OpenCLIP blocks and the projection; SD conditions on the penultimate block,
