@@ -533,6 +533,13 @@ def fingerprint(model) -> str:
 
 
 SVD_CACHE_LAYOUT = "U,S,Vh"  # a cache of another layout (older: V [n, r]) is recomputed
+PRECISION = {"torch.float32": 3, "torch.float16": 2, "torch.bfloat16": 1}  # bits of mantissa, in order
+
+
+def _weights_dtype(model) -> torch.dtype:
+    """The dtype the base weights were loaded in (δ, always fp32, aside)."""
+    return next(p for c in ("unet", "text_encoder") if getattr(model, c) is not None
+                for n, p in getattr(model, c).named_parameters() if not n.endswith("delta")).dtype
 
 
 def load_svd_cache(path, model) -> dict:
@@ -546,6 +553,13 @@ def load_svd_cache(path, model) -> dict:
             print(f"note: SVD cache {path} is for other base weights (or an older layout); recomputing",
                   file=sys.stderr)
             return {}
+        # The same weights loaded more coarsely than now (a cache made from a bf16 load, read by an fp32 one) would
+        # give factors of the rounded W: recompute them from these weights (and keep those instead).
+        made_from, now = meta.get("weights_dtype", "torch.float32"), str(_weights_dtype(model))
+        if PRECISION.get(made_from, 0) < PRECISION[now]:
+            print(f"note: SVD cache {path} was made from {made_from} weights, these are {now}; recomputing",
+                  file=sys.stderr)
+            return {}
         names = {k.rsplit(".", 1)[0] for k in f.keys()}
         return {n: (f.get_tensor(n + ".U"), f.get_tensor(n + ".S"), f.get_tensor(n + ".Vh").T) for n in names}
 
@@ -557,7 +571,7 @@ def save_svd_cache(path, model, factors: dict):
         # float32 halves the file; the layer casts U, Vᵀ to the weight dtype and keeps σ in float32 anyway
         flat |= {n + ".U": U.float().contiguous().cpu(), n + ".S": S.float().contiguous().cpu(),
                  n + ".Vh": V.T.float().contiguous().cpu()}
-    meta = {"fingerprint": fingerprint(model), "layout": SVD_CACHE_LAYOUT}
+    meta = {"fingerprint": fingerprint(model), "layout": SVD_CACHE_LAYOUT, "weights_dtype": str(_weights_dtype(model))}
     atomic_write(lambda p: save_file(flat, str(p), metadata=meta), Path(path))
 
 

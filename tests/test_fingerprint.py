@@ -138,3 +138,16 @@ def test_combine_half_writes_fp16(trained, tmp_path):
     half, full = load_file(str(tmp_path / "half.safetensors")), load_file(str(shift_file))
     assert {t.dtype for t in half.values()} == {torch.float16}
     assert all(torch.equal(half[k], (0.5 * full[k].float()).half()) for k in full)
+
+
+def test_svd_cache_made_from_a_bf16_load_is_recomputed_for_an_fp32_load(layouts, bpe_vocab, tmp_path, capsys):
+    """The same weights, but the bf16 load's factors are those of the rounded W: a more precise load recomputes
+    them (and keeps its own), a load as coarse or coarser uses them."""
+    cache = tmp_path / "svd.safetensors"
+    svdiff.add_spectral_shifts(sd.load(layouts / "folder", dtype=torch.bfloat16), subset="cross-attn", cache=cache,
+                               progress=False)
+    assert svdiff.load_svd_cache(cache, sd.load(layouts / "folder", dtype=torch.bfloat16))
+    fp32 = sd.load(layouts / "folder")
+    assert svdiff.load_svd_cache(cache, fp32) == {} and "made from torch.bfloat16" in capsys.readouterr().err
+    svdiff.add_spectral_shifts(fp32, subset="cross-attn", cache=cache, progress=False)
+    assert svdiff.load_svd_cache(cache, sd.load(layouts / "folder", dtype=torch.float16))  # now fp32 factors
