@@ -6,10 +6,13 @@ Two layouts are read (facts: shared/reference/sd_weights_and_sampling.md):
   (b) a diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/, each with its config.json.
 Our modules are named after layout (a), so (a) loads by stripping a prefix; (b) goes through each component's
 short `diffusers_to_original` rename rule. Weights stream tensor by tensor into modules built on the `meta`
-device, so the process never holds two copies of the model.
+device, so the process never holds two copies of the model. A Hugging Face Hub id (`owner/name[@revision]`) is
+resolved to a layout-(b) folder in the Hub cache that diffusers and transformers share (`resolve_model`).
 """
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,8 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
 COMPONENTS = ("unet", "vae", "text_encoder")
 IDENTITY = ("unet", "text_encoder")  # the components a shift file belongs to (svdiff.fingerprint)
+# What train.py and edit.py run on when neither --model nor $SVDIFF_MODEL names a model
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 @dataclass
@@ -39,6 +44,7 @@ class StableDiffusion:
     prediction_type: str         # "epsilon" | "v_prediction": not in the weights; from scheduler config or user
     path: str = ""
     digests: dict = field(default_factory=dict)  # component -> `weights_digest` of its weights AS STORED (sd.load)
+    source: str = ""             # what to load again: the absolute local path, or "owner/name@commit" of the Hub
 
 
 def checkpoint_key(component: str, module_key: str, family: str) -> str:
@@ -244,6 +250,9 @@ def _build(module_fn, state: dict, name: str, path) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
     # Floating weights take the requested dtype (files are often fp16); integer buffers stay as they are.
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -321,16 +330,31 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
 # (b) a diffusers folder
 
 
-def _weights_file(folder: Path, stem: str) -> list[Path]:
-    """The weight file(s) of one diffusers component: safetensors preferred, fp32 before the fp16 variant."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
-        index = folder / f"{name}.index.json"  # sharded: the index lists the shard files
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
-    raise ValueError(f"{folder}: no weights file ({stem}.safetensors or .bin); the diffusers folder is incomplete")
+def weight_names(stem: str, half: bool) -> list[str]:
+    """A diffusers component's weight file names, most wanted first: safetensors before .bin (a pickle); for a
+    half-precision load the fp16 variant first (half the bytes), else the fp32 file."""
+    variants = (".fp16", "") if half else ("", ".fp16")
+    return [f"{stem}{v}.{ext}" for ext in ("safetensors", "bin") for v in variants]
+
+
+def _pick_weights(names: set[str], stem: str, half: bool) -> str | None:
+    """The one weight file (or sharded index) of a component to read, from the names its folder holds."""
+    for name in weight_names(stem, half):
+        for candidate in (name, f"{name}.index.json"):
+            if candidate in names:
+                return candidate
+    return None
+
+
+def _weights_file(folder: Path, stem: str, half: bool = False) -> list[Path]:
+    """The weight file(s) of one diffusers component, chosen by `_pick_weights`."""
+    name = _pick_weights({p.name for p in folder.iterdir()} if folder.is_dir() else set(), stem, half)
+    if name is None:
+        raise ValueError(f"{folder}: no weights file ({stem}.safetensors or .bin); the diffusers folder is incomplete")
+    if name.endswith(".index.json"):  # sharded: the index lists the shard files
+        shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    return [folder / name]
 
 
 def _read_config(folder: Path) -> dict:
@@ -347,7 +371,7 @@ def _load_component_folder(folder: Path, stem: str, rename, device, dtype, diges
     """One component's tensors, renamed to our module keys and cast; `digests` (a dict) collects their
     tensor_digests as stored."""
     state = {}
-    for file in _weights_file(folder, stem):
+    for file in _weights_file(folder, stem, half=dtype in HALF):
         tf = TensorFile(file)
         for k, t in tf.tensors(list(tf.shapes)):
             new = rename(k)
@@ -401,21 +425,194 @@ def _load_folder(path: Path, device, dtype, components):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (c) a Hugging Face Hub id: a diffusers repo, through the Hub cache that diffusers and transformers share
+
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+NEEDED = ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json")  # besides the weights
+REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # the Hub's owner/name: letters, digits, - _ .
+
+
+def split_repo_id(spec: str) -> tuple[str, str | None] | None:
+    """"owner/name[@revision]" -> (repo id, revision or None), or None when `spec` cannot be a Hub id (a path
+    with more parts, a checkpoint file name)."""
+    repo_id, at, revision = spec.partition("@")
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or (at and not revision) or \
+            repo_id.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth")):
+        return None
+    return repo_id, revision or None
+
+
+def _hub_files(files, half: bool) -> list[str] | None:
+    """What `load` reads of a diffusers repo, given its file list, as snapshot_download's allow_patterns; None
+    when the repo lacks a part. Never the safety checker, the feature extractor, or the single-file checkpoints
+    some repos keep at their root (4-8 GB of them in SD1.5's)."""
+    files = set(files)
+    if not all(f in files for f in NEEDED):
+        return None
+    patterns = ["model_index.json", "tokenizer/*", "scheduler/*"]
+    for component, stem in WEIGHT_STEMS.items():
+        names = {f.split("/", 1)[1] for f in files if f.startswith(component + "/") and f.count("/") == 1}
+        name = _pick_weights(names, stem, half)
+        if "config.json" not in names or name is None:
+            return None
+        patterns += [f"{component}/config.json", f"{component}/{name}"]
+        if name.endswith(".index.json"):  # diffusers names the shards stem[.fp16]-00001-of-00002.ext
+            base, ext = name.removesuffix(".index.json").rsplit(".", 1)
+            patterns.append(f"{component}/{base}-*-of-*.{ext}")
+    return patterns
+
+
+def _complete(folder: Path, half: bool) -> bool:
+    """Does a cached snapshot hold everything `load` reads (in either precision)? The cache shows a file only
+    once it is fully downloaded, so this is a check for missing files, not for partial ones."""
+    listing = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    try:
+        return _hub_files(listing, half) is not None and all(
+            f.is_file() for c, stem in WEIGHT_STEMS.items() for f in _weights_file(folder / c, stem, half))
+    except (ValueError, KeyError, OSError):  # an unreadable shard index
+        return False
+
+
+def _foreign_repo(files) -> str | None:
+    """What a repo is, from its file list, when it is plainly not an SD 1.x/2.x diffusers pipeline (checked
+    before any download: an SDXL repo holds gigabytes that load would refuse)."""
+    files = set(files)
+    top = {f.split("/")[0] for f in files if "/" in f}
+    singles = sorted(f for f in files if "/" not in f and f.endswith((".safetensors", ".ckpt")))
+    if {"text_encoder_2", "tokenizer_2"} & top:
+        return "an SDXL pipeline (only SD 1.x/2.x are supported)"
+    if "transformer" in top:
+        return "a transformer pipeline (SD3, Flux, PixArt, ...), not an SD 1.x/2.x UNet pipeline"
+    if "adapter_config.json" in files or any("lora" in f.lower() and f.endswith((".safetensors", ".bin"))
+                                             for f in files):
+        return "a LoRA, not a base model; pass the base model it was trained on"
+    if "unet" in top:
+        return None
+    if "config.json" in files and any(f.startswith("diffusion_pytorch_model") for f in files):
+        return "a single diffusers model (a ControlNet, a UNet or a VAE alone), not a whole pipeline"
+    if singles:
+        return f"a repo of single-file checkpoints ({', '.join(singles[:3])}): download one and pass its path"
+    return "no diffusers pipeline (no unet/ folder)"
+
+
+def _hub_error(spec: str, e: Exception, downloading: bool) -> str | None:
+    """One line for an error met on the way to the Hub (None for one that is not about the Hub)."""
+    from huggingface_hub import constants, errors
+    repo_id = spec.partition("@")[0]
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    hub = f"the Hub ({constants.ENDPOINT})"
+    cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    local = "or pass a local single file or diffusers folder"
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    network = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3") or \
+        isinstance(e, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError))
+    if isinstance(e, errors.GatedRepoError) or \
+            (status in (401, 403) and not isinstance(e, errors.RepositoryNotFoundError)):
+        return (f"{spec}: {hub} refused access (HTTP {status}): the model is gated or private; accept the licence on "
+                f"its page ({constants.ENDPOINT}/{repo_id}) and set HF_TOKEN to a token of that account")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        private = "; if it is private or gated, set HF_TOKEN" if status == 401 else ""
+        return (f"{spec}: no such file or folder, and {hub} has no model repo of that name (HTTP {status}){private}; "
+                f"check the id, e.g. {DEFAULT_MODEL}")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return f"{spec}: the repo has no revision {spec.partition('@')[2]!r}; name a branch, tag or commit of it"
+    if isinstance(e, errors.OfflineModeIsEnabled) or (network and constants.HF_HUB_OFFLINE):
+        return f"{spec} is not in {cache} and HF_HUB_OFFLINE is set: unset it to download the model, {local}"
+    if isinstance(e, errors.HfHubHTTPError):
+        return f"{spec}: {hub} answered HTTP {status} ({detail}); try again later, set HF_ENDPOINT to a mirror, {local}"
+    if downloading and (network or isinstance(e, OSError)):
+        return (f"{spec}: the download stopped ({type(e).__name__}: {detail}); no partial file is kept or loaded: "
+                "run the command again to fetch the rest")
+    if network:
+        return (f"{spec} is not in {cache} and {hub} cannot be reached ({type(e).__name__}: {detail}); connect to "
+                f"the network (or set HF_ENDPOINT to a mirror) and run again, {local}")
+    return None
+
+
+def resolve_model(spec: str, dtype=torch.float32) -> tuple[Path, str]:
+    """A Hub id "owner/name[@revision]" -> (its diffusers folder in the Hugging Face cache, "owner/name@commit").
+
+    The cache comes first: a model already there (fetched by us, by diffusers or by transformers) loads with no
+    network request at all. Else huggingface_hub (imported only here) downloads what `load` reads, `_hub_files`:
+    the fp16 variant for a half-precision `dtype` where the repo has one, else the fp32 files, with its progress
+    bars, its cache layout and its environment (HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE).
+    A file enters the cache only once complete, so a cut-off download is never read; the next run fetches the rest."""
+    ids = split_repo_id(spec)
+    if ids is None:
+        raise FileNotFoundError(f"{spec}: no such file or folder, and not a Hugging Face Hub id (owner/name"
+                                "[@revision]); pass an SD checkpoint (.safetensors/.ckpt), a diffusers folder or a "
+                                f"Hub id such as {DEFAULT_MODEL}")
+    repo_id, revision = ids
+    try:
+        import huggingface_hub as hf
+    except ImportError:
+        raise ValueError(f"{spec}: no such file or folder; to load it from the Hugging Face Hub, "
+                         "pip install huggingface_hub") from None
+    half = dtype in HALF
+    cached = hf.try_to_load_from_cache(repo_id, "unet/config.json", revision=revision)
+    if isinstance(cached, str) and _complete(Path(cached).parents[1], half):
+        folder = Path(cached).parents[1]
+        return folder, f"{repo_id}@{folder.name}"
+    try:
+        files = [s.rfilename for s in hf.HfApi().model_info(repo_id, revision=revision).siblings or []]
+    except Exception as e:
+        message = _hub_error(spec, e, downloading=False)
+        if message is None:
+            raise
+        raise ValueError(message) from None
+    what = _foreign_repo(files)
+    patterns = None if what else _hub_files(files, half)
+    if patterns is None:
+        what = what or f"an incomplete diffusers repo (it needs {', '.join(NEEDED)} and config.json + weights in " \
+                       f"{', '.join(WEIGHT_STEMS)})"
+        raise ValueError(f"{spec}: not an SD 1.x/2.x diffusers repo: it looks like {what}")
+    try:
+        folder = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        message = _hub_error(spec, e, downloading=True)
+        if message is None:
+            raise
+        raise ValueError(message) from None
+    return folder, f"{repo_id}@{folder.name}"
+
+
+def choose_model(model=None, shift_file=None) -> str:
+    """The base model a command runs on: `model` (--model), else the one `shift_file` was trained on (its
+    base_model metadata), else $SVDIFF_MODEL, else DEFAULT_MODEL. Prints one line naming it unless given."""
+    if model:
+        return model
+    recorded = None
+    if shift_file and Path(shift_file).is_file():
+        try:
+            recorded = TensorFile(Path(shift_file)).metadata.get("base_model")
+        except (ValueError, OSError):
+            pass  # not ours to judge here: reading the shifts later says what is wrong with the file
+    for spec, why in ((recorded, f"the base model of {shift_file}"), (os.environ.get("SVDIFF_MODEL"), "$SVDIFF_MODEL"),
+                      (DEFAULT_MODEL, "default")):
+        if spec:
+            print(f"model: {spec} ({why}; --model to choose another)")
+            return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=None,
          components=COMPONENTS) -> StableDiffusion:
-    """Load an SD 1.x/2.x single-file checkpoint or diffusers folder. `components` limits what is built (e.g.
-    ("unet",) for benchmarks); `vocab` is the CLIP BPE file a single file needs for its tokenizer."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder; pass an SD checkpoint (.safetensors/.ckpt) "
-                                "or a diffusers folder")
+    """Load an SD 1.x/2.x single-file checkpoint, diffusers folder or Hugging Face Hub id ("owner/name[@revision]",
+    `resolve_model`; a local path that exists wins). `components` limits what is built (e.g. ("unet",) for
+    benchmarks); `vocab` overrides the CLIP BPE file a single file's tokenizer is built from."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"prediction type {prediction_type!r} is not one of epsilon, v_prediction")
     bad = set(components) - set(COMPONENTS)
     if bad:
         raise ValueError(f"unknown components {sorted(bad)}; choose from {COMPONENTS}")
+    if Path(path).exists():
+        path = Path(path)
+        source = str(path.resolve())
+    else:
+        path, source = resolve_model(str(path), dtype)
     if path.is_dir():
         modules, tokenizer, family, file_prediction, digests = _load_folder(path, device, dtype, components)
     else:
@@ -424,7 +621,7 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
     return StableDiffusion(unet=modules.get("unet"), vae=modules.get("vae"),
                            text_encoder=modules.get("text_encoder"), tokenizer=tokenizer, family=family,
                            prediction_type=prediction_type or file_prediction or "epsilon", path=str(path),
-                           digests=digests)
+                           digests=digests, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # the program's flat modules: unet, vae, clip_text, ddim, sd, svdiff
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: tiny random SD models in both layouts
 
-BPE_VOCAB = ROOT.parent / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_VOCAB = ROOT / "bpe_simple_vocab_16e6.txt.gz"  # shipped with the project (clip_text.BPE_VOCAB)
 
 
 def require_bpe_vocab():
