@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 class FakeHub:
     def __init__(self):
         self.repos = {}   # repo id -> folder
-        self.errors = {}  # repo id -> (status, X-Error-Code or None)
+        self.errors = {}  # repo id -> (status, X-Error-Code or None, only its files?)
         self.drop = {}    # "repo id/file" -> how many more GETs of it to cut off half-way
         self.log = []     # (method, repo id, route, file or "", Range header or None)
         self._server = None
@@ -32,8 +32,10 @@ class FakeHub:
     def add(self, repo_id, folder):
         self.repos[repo_id] = Path(folder)
 
-    def refuse(self, repo_id, status, code=None):
-        self.errors[repo_id] = (status, code)
+    def refuse(self, repo_id, status, code=None, files_only=False):
+        """Answer every request about `repo_id` (or, as the Hub does for gated repos, only its file downloads)
+        with this status and X-Error-Code."""
+        self.errors[repo_id] = (status, code, files_only)
 
     @staticmethod
     def commit(repo_id):
@@ -107,8 +109,8 @@ def _handler(hub: FakeHub):
             rev = rest[1] if len(rest) > 1 else "main"
             file = "/".join(rest[2:]) if route == "resolve" else ""
             hub.log.append((self.command, repo_id, route, file, self.headers.get("Range")))
-            if repo_id in hub.errors:
-                return self._error(*hub.errors[repo_id])
+            if repo_id in hub.errors and (route == "resolve" or not hub.errors[repo_id][2]):
+                return self._error(*hub.errors[repo_id][:2])
             if repo_id not in hub.repos:
                 return self._error(404, "RepoNotFound")
             if rev not in ("main", hub.commit(repo_id)):

@@ -75,11 +75,13 @@ def hub(tmp_path_factory):
     write_sdxl_like(root / "tiny-sdxl")
     hub = FakeHub()
     for repo_id, folder in (("org/tiny-sd1", "tiny-sd1"), (sd.DEFAULT_MODEL, "tiny-sd1"), ("org/tiny-sd2", "tiny-sd2"),
-                            ("org/tiny-sdxl", "tiny-sdxl")):
+                            ("org/tiny-sdxl", "tiny-sdxl"), ("org/gated", "tiny-sd1"), ("org/gated-403", "tiny-sd1")):
         hub.add(repo_id, root / folder)
-    hub.refuse("org/gated", 401, "GatedRepo")      # gated, no token
-    hub.refuse("org/gated-403", 403, "GatedRepo")  # gated, a token whose account has not accepted the licence
-    hub.refuse("org/private", 401)                 # what the Hub answers for a private repo without a token
+    # A gated repo's info and file list are public, its files are not: 401 without a token, 403 with a token whose
+    # account has not accepted the licence. A private repo is 401 throughout, as if it did not exist.
+    hub.refuse("org/gated", 401, "GatedRepo", files_only=True)
+    hub.refuse("org/gated-403", 403, "GatedRepo", files_only=True)
+    hub.refuse("org/private", 401)
     hub.start()
     yield hub
     hub.stop()
@@ -210,7 +212,7 @@ def test_bad_model_is_one_line_and_writes_nothing(hub, tmp_path, spec, words):
     if words == "cannot be reached":
         assert "HF_ENDPOINT" in errors[0] and "local" in errors[0]
     assert not (tmp_path / "out").exists()
-    assert not any(route == "resolve" for _, _, route, _, _ in hub.log)  # not one file fetched
+    assert not any(method == "GET" and route == "resolve" for method, _, route, _, _ in hub.log)  # nothing fetched
 
 
 def test_train_then_sample_and_edit_run_as_written_on_the_default_model(hub, tmp_path):
