@@ -321,7 +321,7 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
     if "text_encoder" in configs:
         modules["text_encoder"] = _build(lambda: clip_text.build_text_encoder(configs["text_encoder"]),
                                          state.pop("text_encoder"), "text encoder", path)
-        # A single file carries no vocabulary: --vocab, or the file shipped inside open_clip / clip.
+        # A single file carries no vocabulary: --vocab, or the CLIP vocabulary shipped with the project.
         tokenizer = clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(vocab), clip_text.pad_id_for(family))
     return modules, tokenizer, family, None, {c: weights_digest(d) for c, d in digests.items()}
 
