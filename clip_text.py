@@ -10,7 +10,6 @@ module: OpenCLIP's fused `attn.in_proj_weight` is the nn.Linear `attn.in_proj`, 
 an nn.Embedding. Facts: shared/reference/sd_weights_and_sampling.md §2-3, §8.
 """
 import gzip
-import importlib.util
 import json
 import re
 import sys
@@ -190,22 +189,18 @@ class Tokenizer:
         return " ".join(bytes(byte_of[c] for c in w).decode("utf-8", "replace") for w in words).strip()
 
 
+# openai/CLIP's BPE merges (MIT licence, LICENSE-CLIP-vocab), shipped beside this file: a single-file checkpoint
+# carries no tokenizer, and every SD 1.x/2.x text encoder uses this vocabulary.
+BPE_VOCAB = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
 def find_bpe_vocab(vocab=None) -> Path:
-    """The CLIP BPE file for a single-file checkpoint: --vocab, else the copy inside an installed open_clip or clip
-    package (found without importing them), else an error saying where to get one."""
-    if vocab:
-        if not Path(vocab).is_file():
-            raise ValueError(f"--vocab {vocab}: no such file; it should be CLIP's bpe_simple_vocab_16e6.txt.gz")
-        return Path(vocab)
-    for package in ("open_clip", "clip"):
-        spec = importlib.util.find_spec(package)
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            candidate = Path(folder) / "bpe_simple_vocab_16e6.txt.gz"
-            if candidate.is_file():
-                return candidate
-    raise ValueError("a single-file checkpoint carries no tokenizer vocabulary: pass --vocab PATH to "
-                     "bpe_simple_vocab_16e6.txt.gz (from github.com/openai/CLIP, clip/ folder), or pip install "
-                     "open_clip_torch")
+    """The CLIP BPE file for a single-file checkpoint: --vocab if given, else the copy shipped with this project."""
+    path = Path(vocab) if vocab else BPE_VOCAB
+    if not path.is_file():
+        raise ValueError(f"{'--vocab ' if vocab else ''}{path}: no such file; it should be CLIP's "
+                         "bpe_simple_vocab_16e6.txt.gz (github.com/openai/CLIP, clip/ folder)")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

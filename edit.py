@@ -14,7 +14,6 @@ resolved arguments); when it trains, also train.py's config.json, log.jsonl and 
 """
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -37,9 +36,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None, help="describes the input image, no special token: 'a photo of a cat'")
     p.add_argument("--edit", action="append", default=None,
                    help="a target prompt, e.g. 'a photo of a cat wearing a hat'; repeat for several edits")
-    p.add_argument("--model", default=os.environ.get("SVDIFF_MODEL"),
-                   help="SD 1.x/2.x single file or diffusers folder (default: $SVDIFF_MODEL)")
-    p.add_argument("--vocab", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz (single-file models only)")
+    p.add_argument("--model", default=None,
+                   help="SD 1.x/2.x single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
+                        f"(default: the base model --shifts records, else $SVDIFF_MODEL, else {sd.DEFAULT_MODEL})")
+    p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
+                   "bpe_simple_vocab_16e6.txt.gz)")
     # fine-tuning (the authors' single-image recipe: 500 steps, batch 1, lr 1e-3 / 1e-6, text encoder, no prior)
     p.add_argument("--shifts", default=None, help="shift file of an earlier run on this image: skip fine-tuning")
     p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
@@ -203,6 +204,7 @@ def main(argv=None):
     out = Path(a.out)
     if not a.overwrite and out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--out {out} already holds outputs; pass --overwrite to replace them, or another --out")
+    a.model = sd.choose_model(a.model, a.shifts)
     t = train.resolve(train_args(a))  # train.py's checks: model, resolution, device, writable --out
     a.dtype = t.dtype
     loaded = train.load_image_folder(Path(a.image), a.resolution, "--image")  # train.py's image handling

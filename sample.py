@@ -1,10 +1,12 @@
 """Text to image with DDIM, optionally with spectral shifts applied.
 
-    python sample.py --model v1-5-pruned-emaonly.safetensors --vocab bpe_simple_vocab_16e6.txt.gz \
-        --prompt "a photo of an astronaut riding a horse on mars" --out out/
+    python sample.py --prompt "a photo of an astronaut riding a horse on mars"
+    python sample.py --prompt "a photo of sks dog in the snow" --shifts runs/sks/shifts.safetensors
 
-Writes out/000.png, out/001.png, ... in generation order and out/grid.png. For the same seed the images equal
-diffusers' StableDiffusionPipeline + DDIMScheduler (initial latents and η-noise drawn from one CPU generator).
+Writes 000.png, 001.png, ... in generation order and grid.png into --out (default: a new folder out/NNN). For the
+same seed the images equal diffusers' StableDiffusionPipeline + DDIMScheduler (initial latents and η-noise drawn
+from one CPU generator). The base model: --model, else the one the --shifts file records, else $SVDIFF_MODEL, else
+SD1.5 from the Hugging Face Hub.
 """
 import argparse
 import json
@@ -24,8 +26,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="SD 1.x/2.x single file (.safetensors/.ckpt) or diffusers folder")
-    p.add_argument("--vocab", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz (single-file models only)")
+    p.add_argument("--model", default=None,
+                   help="SD 1.x/2.x single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
+                        f"(default: the base model the first --shifts file records, else $SVDIFF_MODEL, else "
+                        f"{sd.DEFAULT_MODEL})")
+    p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
+                   "bpe_simple_vocab_16e6.txt.gz)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -44,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: a new numbered folder under out/, never "
+                   "one an earlier run wrote)")
     return p.parse_args(argv)
 
 
@@ -58,7 +65,10 @@ def check_args(a):
         raise ValueError("--num-images and --batch-size must be at least 1")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    check_writable(Path(a.out), "--out")
+    for spec in a.shifts:
+        if not shifts.parse_spec(spec)[0].is_file():
+            raise ValueError(f"--shifts {spec}: no such file; pass the shifts.safetensors of a train.py run")
+    check_writable(Path(a.out or "out"), "--out")
 
 
 def check_writable(out: Path, flag: str):
@@ -70,6 +80,18 @@ def check_writable(out: Path, flag: str):
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {out} is not writable; choose another folder")
+
+
+def new_folder(root: Path) -> Path:
+    """The next numbered folder under `root` (000, 001, ...), created here so that no other run takes it."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=-1) + 1
+    while True:
+        try:
+            (root / f"{n:03d}").mkdir()
+            return root / f"{n:03d}"
+        except FileExistsError:
+            n += 1
 
 
 def grid(images):
@@ -90,6 +112,7 @@ def main(argv=None):
     # sample_config.json keeps the values used, not the "default" placeholders
     a.dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     a.batch_size = a.batch_size or a.num_images
+    a.model = sd.choose_model(a.model, shifts.parse_spec(a.shifts[0])[0] if a.shifts else None)
     model = sd.load(a.model, device=a.device, dtype=DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
     a.prediction_type = model.prediction_type
     if a.shifts:
@@ -102,8 +125,9 @@ def main(argv=None):
         n = min(a.batch_size, a.num_images - i)
         images += sd.to_pil(sd.text_to_image(model, [a.prompt] * n, a.negative_prompt, a.steps, a.guidance,
                                              a.eta, generator, a.height, a.width, latents=latents[i:i + n]))
-    out = Path(a.out)
+    out = Path(a.out) if a.out else new_folder(Path("out"))
     out.mkdir(parents=True, exist_ok=True)
+    a.out = str(out)
     for i, im in enumerate(images):
         im.save(out / f"{i:03d}.png")
     grid(images).save(out / "grid.png")

@@ -6,14 +6,15 @@ Two layouts are read (facts: shared/reference/sd_weights_and_sampling.md):
   (b) a diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/, each with its config.json.
 Our modules are named after layout (a), so (a) loads by stripping a prefix; (b) goes through each component's
 short `diffusers_to_original` rename rule. Weights stream tensor by tensor into modules built on the `meta`
-device, so the process never holds two copies of the model.
+device, so the process never holds two copies of the model. A Hugging Face Hub id (`owner/name[@revision]`) is
+resolved to a layout-(b) folder in the Hub cache that diffusers and transformers share (hub.py).
 """
 import hashlib
 import json
-from dataclasses import dataclass, field
+import os
 import pickle
-import re
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 import clip_text
 import ddim
+import hub
 import unet as unet_lib
 import vae as vae_lib
 
@@ -30,6 +32,7 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
 COMPONENTS = ("unet", "vae", "text_encoder")
 IDENTITY = ("unet", "text_encoder")  # the components a shift file belongs to (svdiff.fingerprint)
+DEFAULT_MODEL = hub.DEFAULT_MODEL  # what train.py and edit.py run on when neither --model nor $SVDIFF_MODEL is set
 
 
 @dataclass
@@ -42,6 +45,7 @@ class StableDiffusion:
     prediction_type: str         # "epsilon" | "v_prediction": not in the weights; from scheduler config or user
     path: str = ""
     digests: dict = field(default_factory=dict)  # component -> `weights_digest` of its weights AS STORED (sd.load)
+    source: str = ""             # what to load again: the absolute local path, or "owner/name@commit" of the Hub
 
 
 def checkpoint_key(component: str, module_key: str, family: str) -> str:
@@ -253,6 +257,9 @@ def _build(module_fn, state: dict, name: str, path) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
     # Floating weights take the requested dtype (files are often fp16); integer buffers stay as they are.
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -321,43 +328,13 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
     if "text_encoder" in configs:
         modules["text_encoder"] = _build(lambda: clip_text.build_text_encoder(configs["text_encoder"]),
                                          state.pop("text_encoder"), "text encoder", path)
-        # A single file carries no vocabulary: --vocab, or the file shipped inside open_clip / clip.
+        # A single file carries no vocabulary: --vocab, or the CLIP vocabulary shipped with the project.
         tokenizer = clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(vocab), clip_text.pad_id_for(family))
     return modules, tokenizer, family, None, {c: weights_digest(d) for c, d in digests.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # (b) a diffusers folder
-
-
-def _weights_file(folder: Path, stems: tuple[str, ...]) -> list[Path]:
-    """The weight file(s) of one diffusers component: safetensors before .bin, fp32 before the fp16 variant; one
-    file, or the shards its index lists. `stems`: the file names without extension (transformers calls its
-    safetensors model.safetensors but its pickles pytorch_model.bin)."""
-    for ext in ("safetensors", "bin"):
-        for variant in ("", ".fp16"):
-            for stem in stems:
-                if (folder / f"{stem}{variant}.{ext}").is_file():
-                    return [folder / f"{stem}{variant}.{ext}"]
-                # save_pretrained(max_shard_size=...) writes {stem}-00001-of-0000N.{ext} and this index
-                index = folder / f"{stem}.{ext}.index{variant}.json"
-                if index.is_file():
-                    return _shards(index)
-    raise ValueError(f"{folder}: no weights file ({stems[0]}.safetensors or .bin); the diffusers folder is "
-                     "incomplete")
-
-
-def _shards(index: Path) -> list[Path]:
-    try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"{index}: not a valid shard index (a JSON object with a weight_map); the diffusers "
-                         "folder is corrupt") from None
-    missing = [n for n in names if not (index.parent / n).is_file()]
-    if missing:
-        raise ValueError(f"{index}: lists {len(missing)} shard(s) that are not there (e.g. {missing[0]}); the "
-                         "download is incomplete")
-    return [index.parent / n for n in names]
 
 
 def _read_config(folder: Path) -> dict:
@@ -374,7 +351,7 @@ def _load_component_folder(folder: Path, stems: tuple[str, ...], rename, device,
     """One component's tensors, renamed to our module keys and cast; `digests` (a dict) collects their
     tensor_digests as stored."""
     state = {}
-    for file in _weights_file(folder, stems):
+    for file in hub.weights_file(folder, stems, half=dtype in HALF):
         tf = TensorFile(file)
         for k, t in tf.tensors(list(tf.shapes)):
             new = rename(k)
@@ -401,18 +378,18 @@ def _load_folder(path: Path, device, dtype, components):
         cfg = unet_lib.config_from_diffusers(_read_config(path / "unet"))
         if cfg.context_dim == 1024:
             family = "sd2"
-        state = _load_component_folder(path / "unet", ("diffusion_pytorch_model",),
+        state = _load_component_folder(path / "unet", hub.WEIGHT_STEMS["unet"],
                                        lambda k: unet_lib.diffusers_to_original(k, cfg), device, dtype,
                                        digests["unet"])
         modules["unet"] = _build(lambda: unet_lib.UNet(cfg), state, "UNet", path / "unet")
     if "vae" in components:
         vcfg = vae_lib.config_from_diffusers(_read_config(path / "vae"))
-        state = _load_component_folder(path / "vae", ("diffusion_pytorch_model",),
+        state = _load_component_folder(path / "vae", hub.WEIGHT_STEMS["vae"],
                                        lambda k: vae_lib.diffusers_to_original(k, vcfg), device, dtype)
         modules["vae"] = _build(lambda: vae_lib.VAE(vcfg), state, "VAE", path / "vae")
     tokenizer = None
     if "text_encoder" in components:
-        state = _load_component_folder(path / "text_encoder", ("model", "pytorch_model"),
+        state = _load_component_folder(path / "text_encoder", hub.WEIGHT_STEMS["text_encoder"],
                                        lambda k: clip_text.diffusers_to_original(k, text_cfg), device, dtype,
                                        digests["text_encoder"])
         if text_cfg.family == "sd2":
@@ -427,22 +404,42 @@ def _load_folder(path: Path, device, dtype, components):
     return modules, tokenizer, family, prediction_type, {c: weights_digest(d) for c, d in digests.items()}
 
 
+def choose_model(model=None, shift_file=None) -> str:
+    """The base model a command runs on: `model` (--model), else the one `shift_file` was trained on (its
+    base_model metadata), else $SVDIFF_MODEL, else DEFAULT_MODEL. Prints one line naming it unless given."""
+    if model:
+        return model
+    recorded = None
+    if shift_file and Path(shift_file).is_file():
+        try:
+            recorded = TensorFile(Path(shift_file)).metadata.get("base_model")
+        except (ValueError, OSError):
+            pass  # not ours to judge here: reading the shifts later says what is wrong with the file
+    for spec, why in ((recorded, f"the base model of {shift_file}"), (os.environ.get("SVDIFF_MODEL"), "$SVDIFF_MODEL"),
+                      (DEFAULT_MODEL, "default")):
+        if spec:
+            print(f"model: {spec} ({why}; --model to choose another)")
+            return spec
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=None,
          components=COMPONENTS) -> StableDiffusion:
-    """Load an SD 1.x/2.x single-file checkpoint or diffusers folder. `components` limits what is built (e.g.
-    ("unet",) for benchmarks); `vocab` is the CLIP BPE file a single file needs for its tokenizer."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder; pass an SD checkpoint (.safetensors/.ckpt) "
-                                "or a diffusers folder")
+    """Load an SD 1.x/2.x single-file checkpoint, diffusers folder or Hugging Face Hub id ("owner/name[@revision]",
+    `hub.resolve_model`; a local path that exists wins). `components` limits what is built (e.g. ("unet",) for
+    benchmarks); `vocab` overrides the CLIP BPE file a single file's tokenizer is built from."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"prediction type {prediction_type!r} is not one of epsilon, v_prediction")
     bad = set(components) - set(COMPONENTS)
     if bad:
         raise ValueError(f"unknown components {sorted(bad)}; choose from {COMPONENTS}")
+    if Path(path).exists():
+        path = Path(path)
+        source = str(path.resolve())
+    else:
+        path, source = hub.resolve_model(str(path), half=dtype in HALF)
     if path.is_dir():
         modules, tokenizer, family, file_prediction, digests = _load_folder(path, device, dtype, components)
     else:
@@ -451,7 +448,7 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
     return StableDiffusion(unet=modules.get("unet"), vae=modules.get("vae"),
                            text_encoder=modules.get("text_encoder"), tokenizer=tokenizer, family=family,
                            prediction_type=prediction_type or file_prediction or "epsilon", path=str(path),
-                           digests=digests)
+                           digests=digests, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def save_shift_file(model, path, half=False, subset="all", rank=None, step=None)
     tensors = {k: m.delta.detach().to(torch.float16 if half else torch.float32).cpu().contiguous()
                for k, m in shifts(model)}
     meta = {"format": FORMAT, "version": VERSION, "family": model.family, "subset": str(subset),
-            "rank": str(rank or ""), "fingerprint": fingerprint(model)}
+            "rank": str(rank or ""), "fingerprint": fingerprint(model),
+            "base_model": model.source}  # sample.py / edit.py load it when --model is not given
     if step is not None:
         meta["step"] = str(step)
     atomic_write(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
@@ -259,8 +260,9 @@ def main(argv=None):
                            ("export-merged", "a single-file checkpoint with the shifts baked in")):
         e = sub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         e.add_argument("shifts", metavar="FILE[:SCALE]", nargs="+")
-        e.add_argument("--model", required=True, help="the base model the shifts were trained on")
-        e.add_argument("--vocab", default=None, help="CLIP BPE vocabulary (single-file models)")
+        e.add_argument("--model", required=True, help="the base model the shifts were trained on (single file, "
+                       "diffusers folder or Hub id owner/name[@revision])")
+        e.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: shipped)")
         e.add_argument("--force", action="store_true", help="apply even if the base-model fingerprint differs")
         e.add_argument("--out", required=True)
         if name == "export-lora":
@@ -290,8 +292,9 @@ def main(argv=None):
         return
     if a.command == "export-lora" and a.rank < 1:
         raise ValueError("--rank must be at least 1")
-    if a.command == "export-merged" and Path(a.model).is_dir():
-        raise ValueError(f"--model {a.model} is a diffusers folder; export-merged rewrites a single-file checkpoint")
+    if a.command == "export-merged" and not Path(a.model).is_file():
+        raise ValueError(f"--model {a.model} is not a single-file checkpoint; export-merged rewrites one (.safetensors/"
+                         ".ckpt), not a diffusers folder or Hub id")
     model = sd.load(a.model, vocab=a.vocab, components=("unet", "text_encoder"))
     apply_shift_files(model, a.shifts, force=a.force, merged=False)
     if a.command == "export-lora":

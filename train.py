@@ -1,6 +1,6 @@
 """Personalize Stable Diffusion with spectral shifts (SVDiff, Han et al. 2023).
 
-    python train.py --images ./dog --token sks            # base model from --model or $SVDIFF_MODEL
+    python train.py --images ./dog --token sks      # base model: --model, $SVDIFF_MODEL or SD1.5 from the Hub
 
 `main` = `resolve` (defaults that depend on other flags, every check, before anything is loaded or written) +
 `train` (the loop; returns the model with its trained shifts). edit.py runs the same two on one image.
@@ -14,7 +14,6 @@ resume.pt, samples/step_XXXXX.png, config.json (the resolved arguments), log.jso
 """
 import argparse
 import json
-import os
 import pickle
 import string
 import sys
@@ -44,9 +43,11 @@ def parse_args(argv=None):
                    help="rare token naming the subject, e.g. sks (needed when a prompt uses {token})")
     p.add_argument("--class-word", action="append", default=None,
                    help="subject class (default: the folder's name, or the image file's name without suffix)")
-    p.add_argument("--model", default=os.environ.get("SVDIFF_MODEL"),
-                   help="SD 1.x/2.x single file or diffusers folder (default: $SVDIFF_MODEL)")
-    p.add_argument("--vocab", default=None, help="CLIP bpe_simple_vocab_16e6.txt.gz (single-file models only)")
+    p.add_argument("--model", default=None,
+                   help="SD 1.x/2.x single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
+                        f"(default: $SVDIFF_MODEL, else {sd.DEFAULT_MODEL}; with --resume, the run's own)")
+    p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
+                   "bpe_simple_vocab_16e6.txt.gz)")
     p.add_argument("--instance-prompt", default="a photo of {token} {class}")
     p.add_argument("--class-prompt", default="a photo of a {class}")
     p.add_argument("--no-captions", action="store_true",
@@ -165,8 +166,6 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
 
 
 def check_args(a):
-    if not a.model:
-        raise ValueError("no base model: pass --model PATH (SD single file or diffusers folder) or set SVDIFF_MODEL")
     if not a.token and len(a.images) > 1:
         raise ValueError("several --images folders need one --token each (e.g. --token sks --token zwx)")
     if not a.token and uses_token(a.instance_prompt):
@@ -250,6 +249,7 @@ def resolve(a):
     a.class_dir = a.class_dir or str(Path(a.out) / "class_images")
     a.prior_weight = 0.0 if a.no_prior else a.prior_weight
     check_args(a)
+    a.model = sd.choose_model(a.model, Path(a.out) / "shifts.safetensors" if a.resume else None)
     if a.dtype is None:
         a.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if a.device.startswith("cuda") else "fp32"
     return a

@@ -9,10 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # the program's flat modules: unet, vae, clip_text, ddim, sd, svdiff
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: tiny random SD models in both layouts
 
-# The real CLIP vocabulary: in shared/ beside the checkout, or inside it (a GPU machine gets the checkout alone)
-BPE_VOCAB = next((p for p in (ROOT.parent / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz",
-                              ROOT / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz") if p.is_file()),
-                 ROOT.parent / "shared" / "clip" / "bpe_simple_vocab_16e6.txt.gz")
+BPE_VOCAB = ROOT / "bpe_simple_vocab_16e6.txt.gz"  # shipped with the project (clip_text.BPE_VOCAB)
 
 
 def missing_fixture(reason):

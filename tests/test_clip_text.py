@@ -102,3 +102,18 @@ def test_sd2_key_renames_round_trip():
         module_key = clip_text.original_to_module_key(key, "sd2")
         assert clip_text.module_to_original_key(module_key, "sd2") == key
     assert clip_text.original_to_module_key("positional_embedding", "sd2") == "positional_embedding.weight"
+
+
+def test_the_shipped_vocabulary_is_openai_clips_and_the_default():
+    import hashlib
+    assert clip_text.BPE_VOCAB.parent == tiny.Path(clip_text.__file__).resolve().parent  # beside clip_text.py
+    assert hashlib.sha256(clip_text.BPE_VOCAB.read_bytes()).hexdigest() == \
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+    assert clip_text.find_bpe_vocab() == clip_text.BPE_VOCAB
+
+
+def test_a_single_file_loads_and_tokenizes_with_no_vocab_argument(tmp_path):
+    tiny.write_single_file(tmp_path / "m.safetensors", "sd1")
+    model = sd.load(tmp_path / "m.safetensors", components=("text_encoder",))
+    ids = model.tokenizer(["a photo of an astronaut riding a horse on mars"])[0].tolist()
+    assert ids[:12] == [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407]

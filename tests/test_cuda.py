@@ -59,8 +59,7 @@ HALF_BOUNDS = {"fp16": (1.0, 16), "bf16": (6.0, 64)}
 def lane(tmp_path_factory):
     """A folder with the tiny SD1 model as one file and two subjects' synthetic photos."""
     if not BPE_VOCAB.is_file():
-        pytest.fail(f"the GPU lane needs the CLIP vocabulary at {BPE_VOCAB} (or in shared/clip/ inside the "
-                    "checkout): copy bpe_simple_vocab_16e6.txt.gz there")
+        pytest.fail(f"the GPU lane needs the CLIP vocabulary shipped with the project at {BPE_VOCAB}")
     root = tmp_path_factory.mktemp("cuda-lane")
     tiny.write_ours(root / "model.safetensors")
     rng = np.random.default_rng(0)

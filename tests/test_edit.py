@@ -231,7 +231,7 @@ def test_no_inversion_starts_from_each_seeds_noise(setup, trained, plain, tmp_pa
     ("empty prompt", "--prompt is empty"),
     ("empty edit", "--edit prompt is empty"),
     ("no edit", "no --edit"),
-    ("no model", "SVDIFF_MODEL"),
+    ("model neither a path nor a Hub id", "not a Hugging Face Hub id"),
     ("resolution", "multiple of 8"),
     ("unwritable out", "not writable"),
     ("existing out", "--overwrite"),
@@ -254,10 +254,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
         args[5] = ""
     elif case == "no edit":
         del args[4:8]
-    elif case == "no model":
-        i = args.index("--model")
-        del args[i:i + 2]
-        env = {"SVDIFF_MODEL": ""}
+    elif case == "model neither a path nor a Hub id":
+        args[args.index("--model") + 1] = tmp_path / "nope.safetensors"
     elif case == "resolution":
         args[args.index("--resolution") + 1] = "100"
     elif case == "unwritable out":

@@ -180,3 +180,13 @@ def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float6
     for i in range(2):
         ours = np.asarray(Image.open(tmp_path / "out" / f"{i:03d}.png")).astype(np.int16)
         assert np.abs(ours - ref[i]).max() <= 2, f"image {i}: max diff {np.abs(ours - ref[i]).max()}/255"
+
+
+def test_default_out_is_a_new_numbered_folder_never_an_earlier_one(tmp_path):
+    for name in ("000", "007", "notes"):
+        (tmp_path / "out" / name).mkdir(parents=True)
+    (tmp_path / "out" / "007" / "grid.png").write_text("earlier")
+    assert sample.new_folder(tmp_path / "out") == tmp_path / "out" / "008"
+    assert sample.new_folder(tmp_path / "out") == tmp_path / "out" / "009"
+    assert sample.new_folder(tmp_path / "fresh") == tmp_path / "fresh" / "000"
+    assert (tmp_path / "out" / "009").is_dir() and (tmp_path / "out" / "007" / "grid.png").read_text() == "earlier"

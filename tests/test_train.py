@@ -225,7 +225,7 @@ def test_sd2_v_prediction_trains_on_the_v_target_and_lowers_the_v_loss(setup, tm
 @pytest.mark.parametrize("case,words", [
     ("missing folder", "no such folder"),
     ("empty folder", "no usable images"),
-    ("no model", "SVDIFF_MODEL"),
+    ("model neither a path nor a Hub id", "not a Hugging Face Hub id"),
     ("resolution", "multiple of 8"),
     ("nan", "with the shifts of step 1"),
     ("learning rate", "--lr must be a positive finite number"),
@@ -240,10 +240,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "broken.jpg").write_bytes(b"not an image")
         args[1] = tmp_path / "empty"
-    elif case == "no model":
-        i = args.index("--model")
-        del args[i:i + 2]
-        env = {"SVDIFF_MODEL": ""}
+    elif case == "model neither a path nor a Hub id":
+        args[args.index("--model") + 1] = tmp_path / "nope.safetensors"
     elif case == "resolution":
         args[args.index("--resolution") + 1] = "100"
     elif case == "learning rate":
