@@ -165,7 +165,7 @@ class Methods:
         if {"svdiff", "naive"} & set(which) and not svdiff.shifts(model):
             svdiff.add_spectral_shifts(model, "all", cache=cache, progress=False)
         # (component, module name) -> SpectralShift; LoRA by UNet module name
-        self.shifts = {(c, n): m for c in ("unet", "text_encoder")
+        self.shifts = {(c, n): m for c in sd.SHIFTED if getattr(model, c) is not None
                        for n, m in getattr(model, c).named_modules() if isinstance(m, svdiff.SpectralShift)}
         self.loras = {}
         if "lora" in which:

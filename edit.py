@@ -26,7 +26,6 @@ import sd
 import shifts
 import svdiff
 import train
-import vae as vae_lib
 
 
 def parse_args(argv=None):
@@ -126,16 +125,16 @@ def encode_image(model, image):
     """z* = the VAE's mean × scale: inversion starts from the one most likely latent, not a sample."""
     p = next(model.vae.parameters())
     mean, _ = model.vae.encode(image[None].to(p.device, p.dtype))
-    return mean * vae_lib.SCALE
+    return mean * model.vae.cfg.scaling_factor
 
 
 @torch.no_grad()
 def invert(model, z, prompt, steps, model_at="source", progress=True):
     """Eq. 6: z_T = DDIMInvert(z*, c; θ′), guidance 1, conditioned on the TARGET prompt c. The steps add up in
     fp32 even when the UNet runs in half precision (the rounding would add up over the steps too)."""
-    context = sd.encode_prompts(model, [prompt])
+    cond = sd.encode_prompts(model, [prompt])
     dtype = next(model.unet.parameters()).dtype
-    unet = lambda x, t: model.unet(x.to(dtype), t, context).float()
+    unet = lambda x, t: model.unet(x.to(dtype), t, cond.context, cond.y).float()
     return svdiff.ddim_invert(unet, z.float(), steps, ddim.alphas_cumprod(), model.prediction_type, progress,
                               model_at)
 

@@ -18,7 +18,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # File names without extension (transformers calls its safetensors model.safetensors but its pickles
 # pytorch_model.bin)
 WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                "text_encoder": ("model", "pytorch_model")}
+                "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 
 
 def weight_names(stems: tuple[str, ...], half: bool) -> list[tuple[str, str]]:
@@ -67,6 +67,7 @@ def _shards(index: Path) -> list[Path]:
 
 
 NEEDED = ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json")  # besides the weights
+NEEDED_SDXL = ("tokenizer_2/vocab.json", "tokenizer_2/merges.txt")  # and text_encoder_2/'s weights
 REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # the Hub's owner/name: letters, digits, - _ .
 
 
@@ -80,15 +81,28 @@ def split_repo_id(spec: str) -> tuple[str, str | None] | None:
     return repo_id, revision or None
 
 
+def _is_sdxl(files) -> bool:
+    """An SDXL pipeline has a second text encoder and tokenizer (sd.load reads the same from a folder)."""
+    return any(f.startswith(("text_encoder_2/", "tokenizer_2/")) for f in files)
+
+
+def _weight_components(files) -> list[str]:
+    """The components whose weights `load` reads: SD 1.x/2.x's three, SDXL's four."""
+    return [c for c in WEIGHT_STEMS if c != "text_encoder_2" or _is_sdxl(files)]
+
+
 def _hub_files(files, half: bool) -> list[str] | None:
     """What `load` reads of a diffusers repo, given its file list, as snapshot_download's allow_patterns; None
-    when the repo lacks a part. Never the safety checker, the feature extractor, or the single-file checkpoints
-    some repos keep at their root (4-8 GB of them in SD1.5's)."""
+    when the repo lacks a part. Never the safety checker, the feature extractor, the single-file checkpoints
+    some repos keep at their root (4-8 GB of them in SD1.5's, 7-14 GB in SDXL's), nor SDXL's other VAE copies
+    (vae_1_0/, vae_encoder/, vae_decoder/) or ONNX/OpenVINO exports."""
     files = set(files)
-    if not all(f in files for f in NEEDED):
+    sdxl = _is_sdxl(files)
+    if not all(f in files for f in NEEDED + (NEEDED_SDXL if sdxl else ())):
         return None
-    patterns = ["model_index.json", "tokenizer/*", "scheduler/*"]
-    for component, stems in WEIGHT_STEMS.items():
+    patterns = ["model_index.json", "tokenizer/*", "scheduler/*"] + (["tokenizer_2/*"] if sdxl else [])
+    for component in _weight_components(files):
+        stems = WEIGHT_STEMS[component]
         names = {f.split("/", 1)[1] for f in files if f.startswith(component + "/") and f.count("/") == 1}
         name = pick_weights(names, stems, half)
         if "config.json" not in names or name is None:
@@ -106,19 +120,19 @@ def _complete(folder: Path, half: bool) -> bool:
     listing = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     try:
         return _hub_files(listing, half) is not None and all(
-            f.is_file() for c, stems in WEIGHT_STEMS.items() for f in weights_file(folder / c, stems, half))
+            f.is_file() for c in _weight_components(listing) for f in weights_file(folder / c, WEIGHT_STEMS[c], half))
     except (ValueError, KeyError, OSError):  # an unreadable shard index
         return False
 
 
 def _foreign_repo(files) -> str | None:
-    """What a repo is, from its file list, when it is plainly not an SD 1.x/2.x diffusers pipeline (checked
-    before any download: an SDXL repo holds gigabytes that load would refuse)."""
+    """What a repo is, from its file list, when it is plainly not an SD 1.x/2.x/XL diffusers pipeline (checked
+    before any download: such a repo may hold gigabytes that load would refuse)."""
     files = set(files)
     top = {f.split("/")[0] for f in files if "/" in f}
     singles = sorted(f for f in files if "/" not in f and f.endswith((".safetensors", ".ckpt")))
-    if {"text_encoder_2", "tokenizer_2"} & top:
-        return "an SDXL pipeline (only SD 1.x/2.x are supported)"
+    if "text_encoder_2" in top and "text_encoder" not in top:
+        return "an SDXL refiner (image to image on bigG alone; only the SDXL base model is supported)"
     if "transformer" in top:
         return "a transformer pipeline (SD3, Flux, PixArt, ...), not an SD 1.x/2.x UNet pipeline"
     if "adapter_config.json" in files or any("lora" in f.lower() and f.endswith((".safetensors", ".bin"))
@@ -202,8 +216,9 @@ def resolve_model(spec: str, half: bool = False) -> tuple[Path, str]:
     patterns = None if what else _hub_files(files, half)
     if patterns is None:
         what = what or f"an incomplete diffusers repo (it needs {', '.join(NEEDED)} and config.json + weights in " \
-                       f"{', '.join(WEIGHT_STEMS)})"
-        raise ValueError(f"{spec}: not an SD 1.x/2.x diffusers repo: it looks like {what}")
+                       f"{', '.join(_weight_components(files))}" + \
+                       (f"; SDXL also {', '.join(NEEDED_SDXL)})" if _is_sdxl(files) else ")")
+        raise ValueError(f"{spec}: not an SD 1.x/2.x/XL diffusers repo: it looks like {what}")
     try:
         folder = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:

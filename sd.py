@@ -1,9 +1,11 @@
-"""Load Stable Diffusion 1.x / 2.x from the files users already have, and generate images from text.
+"""Load Stable Diffusion 1.x / 2.x / XL from the files users already have, and generate images from text.
 
-Two layouts are read (facts: shared/reference/sd_weights_and_sampling.md):
+Two layouts are read (facts: shared/reference/sd_weights_and_sampling.md, §8 for SDXL):
   (a) one original checkpoint file (.safetensors or .ckpt): keys `model.diffusion_model.*` (UNet),
-      `first_stage_model.*` (VAE), `cond_stage_model.*` (text encoder);
-  (b) a diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/, each with its config.json.
+      `first_stage_model.*` (VAE), `cond_stage_model.*` (the text encoder of SD1/2) or
+      `conditioner.embedders.0.transformer.*` and `conditioner.embedders.1.model.*` (SDXL's two);
+  (b) a diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ (SDXL: also text_encoder_2/ and
+      tokenizer_2/), each with its config.json.
 Our modules are named after layout (a), so (a) loads by stripping a prefix; (b) goes through each component's
 short `diffusers_to_original` rename rule. Weights stream tensor by tensor into modules built on the `meta`
 device, so the process never holds two copies of the model. A Hugging Face Hub id (`owner/name[@revision]`) is
@@ -17,6 +19,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,12 +30,22 @@ import hub
 import unet as unet_lib
 import vae as vae_lib
 
-# Original-layout prefixes of the three components. The text encoder's depends on the family.
+# Original-layout prefixes of the components. The text encoders depend on the family: each is
+# component -> (prefix, the names it is stored under: clip_text.TextConfig.family, "sd1" = Hugging Face CLIP names,
+# "sd2" = OpenCLIP names). SDXL conditions on two encoders at once (ViT-L and bigG).
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
+TEXT_ENCODERS = {"sd1": {"text_encoder": ("cond_stage_model.transformer.", "sd1")},
+                 "sd2": {"text_encoder": ("cond_stage_model.model.", "sd2")},
+                 "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.", "sd1"),
+                          "text_encoder_2": ("conditioner.embedders.1.model.", "sd2")}}
+# What `load(components=)` names. "text_encoder" is the model's text side: SDXL's pair of encoders (and their
+# tokenizers), which only work together (the UNet's context is both encoders' states side by side).
 COMPONENTS = ("unet", "vae", "text_encoder")
-IDENTITY = ("unet", "text_encoder")  # the components a shift file belongs to (svdiff.fingerprint)
+# The modules that shift files hold δ for and that the fingerprint covers (svdiff.shiftable_modules, shifts,
+# fingerprint); text_encoder_2 is None but for SDXL.
+SHIFTED = ("unet", "text_encoder", "text_encoder_2")
+DEFAULT_SIZE = {"sd1": 512, "sd2": 512, "sdxl": 1024}  # image side when none is given (SDXL was trained at 1024)
 DEFAULT_MODEL = hub.DEFAULT_MODEL  # what train.py and edit.py run on when neither --model nor $SVDIFF_MODEL is set
 
 
@@ -42,11 +55,14 @@ class StableDiffusion:
     vae: nn.Module | None
     text_encoder: nn.Module | None
     tokenizer: object | None
-    family: str                  # "sd1" (CLIP ViT-L text, 768-d context) | "sd2" (OpenCLIP ViT-H, 1024-d)
+    family: str                  # "sd1" (CLIP ViT-L text, 768-d context) | "sd2" (OpenCLIP ViT-H, 1024-d) |
+                                 # "sdxl" (ViT-L + OpenCLIP ViT-bigG, 2048-d, and the pooled text for label_emb)
     prediction_type: str         # "epsilon" | "v_prediction": not in the weights; from scheduler config or user
     path: str = ""
     digests: dict = field(default_factory=dict)  # component -> `weights_digest` of its weights AS STORED (sd.load)
     source: str = ""             # what to load again: the absolute local path, or "owner/name@commit" of the Hub
+    text_encoder_2: nn.Module | None = None  # SDXL's OpenCLIP ViT-bigG (context and pooled); None for SD1/2
+    tokenizer_2: object | None = None        # its tokenizer (pads with "!", id 0)
 
 
 def checkpoint_key(component: str, module_key: str, family: str) -> str:
@@ -55,9 +71,10 @@ def checkpoint_key(component: str, module_key: str, family: str) -> str:
         return UNET_PREFIX + module_key
     if component == "vae":
         return VAE_PREFIX + module_key
-    if component == "text_encoder":
-        return TEXT_PREFIX[family] + clip_text.module_to_original_key(module_key, family)
-    raise ValueError(f"unknown component {component!r}")
+    if component in TEXT_ENCODERS[family]:
+        prefix, names = TEXT_ENCODERS[family][component]
+        return prefix + clip_text.module_to_original_key(module_key, names)
+    raise ValueError(f"unknown component {component!r} of an {family} model")
 
 
 def split_checkpoint_key(key: str, family: str) -> tuple[str, str] | None:
@@ -66,8 +83,9 @@ def split_checkpoint_key(key: str, family: str) -> tuple[str, str] | None:
         return "unet", key[len(UNET_PREFIX):]
     if key.startswith(VAE_PREFIX):
         return "vae", key[len(VAE_PREFIX):]
-    if key.startswith(TEXT_PREFIX[family]):
-        return "text_encoder", clip_text.original_to_module_key(key[len(TEXT_PREFIX[family]):], family)
+    for component, (prefix, names) in TEXT_ENCODERS[family].items():
+        if key.startswith(prefix):
+            return component, clip_text.original_to_module_key(key[len(prefix):], names)
     return None
 
 
@@ -80,7 +98,10 @@ def tensor_digests(module_key: str, t: torch.Tensor) -> dict[str, str]:
     are fp32, or fp16 rounded from them the same way, and fp16(fp16(x)) = fp16(x): both files digest alike, while a
     change of any weight by more than fp16's rounding changes the digest. A fused q/k/v projection (OpenCLIP's
     `attn.in_proj`) is digested as its three row blocks under the q_proj/k_proj/v_proj names that a diffusers folder
-    stores them under, so the two layouts agree."""
+    stores them under, so the two layouts agree; so is SDXL bigG's projection, a Linear weight [proj, width] in a
+    folder (`text_projection.weight`), digested as the file's [width, proj] matrix."""
+    if module_key == "text_projection.weight":
+        return tensor_digests("text_projection", t.T)
     if ".attn.in_proj." in module_key:
         return {k: v for name, part in zip("qkv", t.chunk(3)) for k, v in
                 tensor_digests(module_key.replace(".in_proj.", f".{name}_proj."), part).items()}
@@ -184,11 +205,13 @@ class TensorFile:
 # ---------------------------------------------------------------------------------------------------------------
 # What is this file?
 
+SDXL_REFINER_TEXT = "conditioner.embedders.0.model."  # the SDXL refiner conditions on bigG alone
+
 
 def _describe_foreign(keys: set[str]) -> str:
-    """Name what a non-SD-1.x/2.x file looks like, for the error message."""
-    if any(k.startswith("conditioner.embedders.") or k.endswith("label_emb.0.0.weight") for k in keys):
-        return "an SDXL checkpoint (only SD 1.x/2.x are supported)"
+    """Name what a non-SD-1.x/2.x/XL file looks like, for the error message."""
+    if any(k.startswith(SDXL_REFINER_TEXT) for k in keys):
+        return "an SDXL refiner (image to image on bigG alone; only the SDXL base model is supported)"
     if any(".lora_down." in k or ".lora_up." in k or "lora_A" in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "a LoRA, not a full model; pass the base SD checkpoint instead"
     if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "first_stage_model.")) for k in keys) and \
@@ -200,8 +223,12 @@ def _describe_foreign(keys: set[str]) -> str:
 
 
 def detect_family(shapes: dict[str, tuple]) -> str:
-    """sd1 or sd2 from an original-layout state dict (the to_k width decides, as diffusers does)."""
-    if any(k.startswith(TEXT_PREFIX["sd2"]) for k in shapes):
+    """sd1, sd2 or sdxl from an original-layout state dict: SDXL's text encoders are `conditioner.embedders.*`
+    and its UNet has label_emb; between SD1 and SD2 the to_k width decides, as diffusers does."""
+    if any(k.startswith("conditioner.embedders.") for k in shapes) or \
+            (UNET_PREFIX + "label_emb.0.0.weight" in shapes and not any(k.startswith("cond_stage_model.") for k in shapes)):
+        return "sdxl"
+    if any(k.startswith(TEXT_ENCODERS["sd2"]["text_encoder"][0]) for k in shapes):
         return "sd2"
     to_k = [s for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
     proj_in = [s for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")]
@@ -210,16 +237,16 @@ def detect_family(shapes: dict[str, tuple]) -> str:
     return "sd1"
 
 
-def _ignored_key(key: str, family: str, text_cfg) -> bool:
+def _ignored_key(key: str, family: str, text_cfgs: dict) -> bool:
     """Keys a single file may carry that we do not model: EMA copies, schedule buffers, unused text parts."""
     if key.startswith("model_ema."):
         return True
     if "." not in key:  # LatentDiffusion buffers: betas, alphas_cumprod, posterior_*, logvar, ...
         return True
-    if key.startswith(TEXT_PREFIX[family]) and text_cfg is not None:
-        return clip_text.ignored_original_key(key[len(TEXT_PREFIX[family]):], text_cfg)
+    for component, (prefix, _) in TEXT_ENCODERS[family].items():
+        if key.startswith(prefix) and component in text_cfgs:
+            return clip_text.ignored_original_key(key[len(prefix):], text_cfgs[component])
     return False
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building modules from streamed tensors
@@ -244,7 +271,7 @@ def _build(module_fn, state: dict, name: str, path) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"{path}: the {name} weights do not match an SD {name}: "
                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:2]}); the file is not a standard SD 1.x/2.x checkpoint")
+                         f"(e.g. {unexpected[:2]}); the file is not a standard SD 1.x/2.x/XL checkpoint")
     for k, t in expected.items():
         state[k] = fit_shape(state[k], t.shape)
         if state[k].shape != t.shape:
@@ -270,16 +297,24 @@ def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
 # (a) one original checkpoint file
 
 
+def _tokenizer_name(component: str) -> str:
+    return component.replace("text_encoder", "tokenizer")  # text_encoder_2 -> tokenizer_2, as diffusers names them
+
+
+def _dtypes(configs: dict, dtype) -> dict:
+    """The dtype each component is loaded in: the requested one, but fp32 for a VAE that needs it (SDXL's overflows
+    fp16; diffusers upcasts it before decoding, and loaded in fp32 it never needs that)."""
+    return {c: torch.float32 if c == "vae" and cfg.force_upcast else dtype for c, cfg in configs.items()}
+
+
 def _load_single_file(path: Path, device, dtype, components, vocab):
     tf = TensorFile(path)
     keys = set(tf.shapes)
     if keys and all(len(s) == 1 for s in tf.shapes.values()):
         raise ValueError(f"{path}: this is a spectral-shift file (1-D tensors only), not a base model; "
                          "pass the base SD checkpoint as the model and this file with --shifts")
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        raise ValueError(f"{path}: not an SD 1.x/2.x checkpoint: it looks like {_describe_foreign(keys)}")
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ValueError(f"{path}: not an SD 1.x/2.x checkpoint: it looks like {_describe_foreign(keys)}")
+    if not any(k.startswith(UNET_PREFIX) for k in keys) or any(k.startswith(SDXL_REFINER_TEXT) for k in keys):
+        raise ValueError(f"{path}: not an SD 1.x/2.x/XL checkpoint: it looks like {_describe_foreign(keys)}")
     family = detect_family(tf.shapes)
     strip = lambda prefix: {k[len(prefix):]: s for k, s in tf.shapes.items() if k.startswith(prefix)}
 
@@ -289,49 +324,54 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
     if "vae" in components:
         if not any(k.startswith(VAE_PREFIX) for k in keys):
             raise ValueError(f"{path}: this checkpoint has no VAE (first_stage_model.*); use a full SD checkpoint")
-        configs["vae"] = vae_lib.config_from_shapes(strip(VAE_PREFIX))
-    text_cfg = None
-    if any(k.startswith(TEXT_PREFIX[family]) for k in keys):
-        text_cfg = clip_text.config_from_shapes(
-            {clip_text.original_to_module_key(k, family): s for k, s in strip(TEXT_PREFIX[family]).items()}, family)
+        configs["vae"] = vae_lib.config_from_shapes(strip(VAE_PREFIX), family)
+    text_cfgs = {}  # also when the text encoders are not loaded: they say which of the file's text keys are unused
+    for component, (prefix, names) in TEXT_ENCODERS[family].items():
+        if any(k.startswith(prefix) for k in keys):
+            text_cfgs[component] = clip_text.config_from_shapes(
+                {clip_text.original_to_module_key(k, names): s for k, s in strip(prefix).items()}, names,
+                sdxl=family == "sdxl")
     if "text_encoder" in components:
-        if text_cfg is None:
-            raise ValueError(f"{path}: this checkpoint has no text encoder ({TEXT_PREFIX[family]}*); "
-                             "use a full SD checkpoint")
-        configs["text_encoder"] = text_cfg
+        for component, (prefix, _) in TEXT_ENCODERS[family].items():
+            if component not in text_cfgs:
+                raise ValueError(f"{path}: this checkpoint has no text encoder ({prefix}*); use a full SD checkpoint")
+            configs[component] = text_cfgs[component]
+    dtypes = _dtypes(configs, dtype)
 
     # One pass over the file: route each tensor to its component, renamed to our module keys.
     state = {c: {} for c in configs}
     wanted = []
     for k in sorted(keys):
-        if _ignored_key(k, family, text_cfg):
+        if _ignored_key(k, family, text_cfgs):
             continue
         where = split_checkpoint_key(k, family)
         if where is None:
-            raise ValueError(f"{path}: unexpected tensor {k!r}; the file is not a standard SD 1.x/2.x checkpoint")
+            raise ValueError(f"{path}: unexpected tensor {k!r}; the file is not a standard SD 1.x/2.x/XL checkpoint")
         if where[0] in state:
             wanted.append((k, where))
     routes = dict(wanted)
-    digests = {c: {} for c in state if c in IDENTITY}
+    digests = {c: {} for c in state if c in SHIFTED}
     for k, t in tf.tensors([k for k, _ in wanted]):
         comp, mkey = routes[k]
         if comp in digests:  # before the cast: the identity of the weights as stored (svdiff.fingerprint)
             digests[comp].update(tensor_digests(mkey, t))
-        state[comp][mkey] = _cast(t, device, dtype)
+        state[comp][mkey] = _cast(t, device, dtypes[comp])
     del tf
 
-    modules = {}
+    modules, tokenizers = {}, {}
     if "unet" in configs:
         modules["unet"] = _build(lambda: unet_lib.UNet(configs["unet"]), state.pop("unet"), "UNet", path)
     if "vae" in configs:
         modules["vae"] = _build(lambda: vae_lib.VAE(configs["vae"]), state.pop("vae"), "VAE", path)
-    tokenizer = None
-    if "text_encoder" in configs:
-        modules["text_encoder"] = _build(lambda: clip_text.build_text_encoder(configs["text_encoder"]),
-                                         state.pop("text_encoder"), "text encoder", path)
-        # A single file carries no vocabulary: --vocab, or the CLIP vocabulary shipped with the project.
-        tokenizer = clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(vocab), clip_text.pad_id_for(family))
-    return modules, tokenizer, family, None, {c: weights_digest(d) for c, d in digests.items()}
+    for component, (_, names) in TEXT_ENCODERS[family].items():
+        if component in configs:
+            modules[component] = _build(lambda: clip_text.build_text_encoder(configs[component]),
+                                        state.pop(component), component.replace("_", " "), path)
+            # A single file carries no vocabulary: --vocab, or the CLIP vocabulary shipped with the project (all
+            # of SD's tokenizers use it; they differ in the pad token only).
+            tokenizers[_tokenizer_name(component)] = clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(vocab),
+                                                                               clip_text.pad_id_for(names))
+    return modules, tokenizers, family, None, {c: weights_digest(d) for c, d in digests.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,46 +403,63 @@ def _load_component_folder(folder: Path, stems: tuple[str, ...], rename, device,
     return state
 
 
+def _folder_family(path: Path) -> str:
+    """sdxl (a second text encoder, or a UNet with SDXL's add-embedding), else sd1/sd2 from the text encoder's
+    activation or the UNet's context width."""
+    unet_cfg = _read_config(path / "unet") if (path / "unet" / "config.json").is_file() else {}
+    if (path / "text_encoder_2").is_dir() or unet_cfg.get("addition_embed_type"):
+        return "sdxl"
+    if (path / "text_encoder").is_dir():
+        return clip_text.config_from_diffusers(_read_config(path / "text_encoder")).family
+    return "sd2" if unet_cfg.get("cross_attention_dim") == 1024 else "sd1"
+
+
 def _load_folder(path: Path, device, dtype, components):
-    for sub in list(components) + (["tokenizer"] if "text_encoder" in components else []):
+    family = _folder_family(path)
+    if family == "sdxl" and "text_encoder" in components and not (path / "text_encoder").is_dir() and \
+            (path / "text_encoder_2").is_dir():
+        raise ValueError(f"{path}: not an SD 1.x/2.x/XL model: it looks like an SDXL refiner (image to image on "
+                         "bigG alone; only the SDXL base model is supported)")
+    texts = list(TEXT_ENCODERS[family]) if "text_encoder" in components else []
+    for sub in [c for c in components if c != "text_encoder"] + texts + [_tokenizer_name(c) for c in texts]:
         if not (path / sub).is_dir():
             raise ValueError(f"{path}: diffusers folder has no {sub}/ subfolder; the model is incomplete")
-    if (path / "text_encoder_2").is_dir() or (path / "unet" / "config.json").is_file() and \
-            _read_config(path / "unet").get("addition_embed_type"):
-        raise ValueError(f"{path}: not an SD 1.x/2.x model: it looks like an SDXL diffusers folder")
-    family = "sd1"
-    if (path / "text_encoder").is_dir():
-        text_cfg = clip_text.config_from_diffusers(_read_config(path / "text_encoder"))
-        family = text_cfg.family
-    modules, digests = {}, {c: {} for c in components if c in IDENTITY}
+    configs = {}
     if "unet" in components:
-        cfg = unet_lib.config_from_diffusers(_read_config(path / "unet"))
-        if cfg.context_dim == 1024:
-            family = "sd2"
+        configs["unet"] = unet_lib.config_from_diffusers(_read_config(path / "unet"))
+    if "vae" in components:
+        configs["vae"] = vae_lib.config_from_diffusers(_read_config(path / "vae"), family)
+    for component in texts:
+        configs[component] = clip_text.config_from_diffusers(_read_config(path / component), sdxl=family == "sdxl")
+    dtypes = _dtypes(configs, dtype)
+    modules, tokenizers, digests = {}, {}, {c: {} for c in configs if c in SHIFTED}
+    if "unet" in configs:
+        cfg = configs["unet"]
         state = _load_component_folder(path / "unet", hub.WEIGHT_STEMS["unet"],
-                                       lambda k: unet_lib.diffusers_to_original(k, cfg), device, dtype,
+                                       lambda k: unet_lib.diffusers_to_original(k, cfg), device, dtypes["unet"],
                                        digests["unet"])
         modules["unet"] = _build(lambda: unet_lib.UNet(cfg), state, "UNet", path / "unet")
-    if "vae" in components:
-        vcfg = vae_lib.config_from_diffusers(_read_config(path / "vae"))
+    if "vae" in configs:
+        vcfg = configs["vae"]
         state = _load_component_folder(path / "vae", hub.WEIGHT_STEMS["vae"],
-                                       lambda k: vae_lib.diffusers_to_original(k, vcfg), device, dtype)
+                                       lambda k: vae_lib.diffusers_to_original(k, vcfg), device, dtypes["vae"])
         modules["vae"] = _build(lambda: vae_lib.VAE(vcfg), state, "VAE", path / "vae")
-    tokenizer = None
-    if "text_encoder" in components:
-        state = _load_component_folder(path / "text_encoder", hub.WEIGHT_STEMS["text_encoder"],
-                                       lambda k: clip_text.diffusers_to_original(k, text_cfg), device, dtype,
-                                       digests["text_encoder"])
-        if text_cfg.family == "sd2":
-            state = clip_text.fuse_qkv(state)
-        modules["text_encoder"] = _build(lambda: clip_text.build_text_encoder(text_cfg), state, "text encoder",
-                                         path / "text_encoder")
-        tokenizer = clip_text.Tokenizer.from_folder(path / "tokenizer", clip_text.pad_id_for(text_cfg.family))
+    for component in texts:
+        tcfg = configs[component]
+        state = _load_component_folder(path / component, hub.WEIGHT_STEMS[component],
+                                       lambda k: clip_text.diffusers_to_original(k, tcfg), device, dtypes[component],
+                                       digests[component])
+        if tcfg.family == "sd2":  # OpenCLIP names: q/k/v fused (and bigG's projection transposed)
+            state = clip_text.openclip_from_hf(state)
+        modules[component] = _build(lambda: clip_text.build_text_encoder(tcfg), state, component.replace("_", " "),
+                                    path / component)
+        tokenizers[_tokenizer_name(component)] = clip_text.Tokenizer.from_folder(
+            path / _tokenizer_name(component), clip_text.pad_id_for(tcfg.family))
     prediction_type = None
     sched = path / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         prediction_type = json.loads(sched.read_text()).get("prediction_type")
-    return modules, tokenizer, family, prediction_type, {c: weights_digest(d) for c, d in digests.items()}
+    return modules, tokenizers, family, prediction_type, {c: weights_digest(d) for c, d in digests.items()}
 
 
 def choose_model(model=None, shift_file=None) -> str:
@@ -428,9 +485,11 @@ def choose_model(model=None, shift_file=None) -> str:
 
 def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=None,
          components=COMPONENTS) -> StableDiffusion:
-    """Load an SD 1.x/2.x single-file checkpoint, diffusers folder or Hugging Face Hub id ("owner/name[@revision]",
-    `hub.resolve_model`; a local path that exists wins). `components` limits what is built (e.g. ("unet",) for
-    benchmarks); `vocab` overrides the CLIP BPE file a single file's tokenizer is built from."""
+    """Load an SD 1.x/2.x/XL single-file checkpoint, diffusers folder or Hugging Face Hub id
+    ("owner/name[@revision]", `hub.resolve_model`; a local path that exists wins). `components` limits what is built
+    (e.g. ("unet",) for benchmarks; "text_encoder" is SDXL's pair of encoders with their tokenizers); `vocab`
+    overrides the CLIP BPE file a single file's tokenizers are built from. A VAE that needs fp32 (SDXL's) is loaded
+    in fp32 whatever `dtype`."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"prediction type {prediction_type!r} is not one of epsilon, v_prediction")
     bad = set(components) - set(COMPONENTS)
@@ -442,24 +501,78 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
     else:
         path, source = hub.resolve_model(str(path), half=dtype in HALF)
     if path.is_dir():
-        modules, tokenizer, family, file_prediction, digests = _load_folder(path, device, dtype, components)
+        modules, tokenizers, family, file_prediction, digests = _load_folder(path, device, dtype, components)
     else:
-        modules, tokenizer, family, file_prediction, digests = _load_single_file(path, device, dtype, components,
-                                                                                 vocab)
-    return StableDiffusion(unet=modules.get("unet"), vae=modules.get("vae"),
-                           text_encoder=modules.get("text_encoder"), tokenizer=tokenizer, family=family,
+        modules, tokenizers, family, file_prediction, digests = _load_single_file(path, device, dtype, components,
+                                                                                  vocab)
+    return StableDiffusion(**modules, **tokenizers, family=family,
                            prediction_type=prediction_type or file_prediction or "epsilon", path=str(path),
                            digests=digests, source=source)
+
+
+def default_size(model: StableDiffusion) -> int:
+    """The image side used when none is given: 512 for SD 1.x/2.x, 1024 for SDXL."""
+    return DEFAULT_SIZE[model.family]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Text to image (sample.py, train.py's class images and edit.py all come through here)
 
 
-def encode_prompts(model: StableDiffusion, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> the UNet's context [B, 77, C]."""
+class Conditioning(NamedTuple):
+    """What the UNet takes beside the latents and the timestep: model.unet(x, t, c.context, c.y)."""
+    context: torch.Tensor          # [B, 77, C]: the text states the cross-attention reads
+    y: torch.Tensor | None = None  # SDXL: label_emb's input [B, pooled + 6 x 256] (unet.label_vector); else None
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """The batch of both, self first (classifier-free guidance: [negative, prompt])."""
+        return Conditioning(torch.cat([self.context, other.context]),
+                            None if self.y is None else torch.cat([self.y, other.y]))
+
+
+def _text_states(model: StableDiffusion, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, pooled): SD1/2 one encoder's states, no pooled; SDXL both encoders' penultimate states side by
+    side, ViT-L's first ([B, 77, 768 + 1280]), and bigG's pooled, projected EOS state."""
     param = next(model.text_encoder.parameters())
-    return model.text_encoder(model.tokenizer(prompts).to(param.device))
+    context = model.text_encoder(model.tokenizer(prompts).to(param.device))
+    if model.text_encoder_2 is None:
+        return context, None
+    context_2, pooled = model.text_encoder_2(model.tokenizer_2(prompts).to(param.device))
+    return torch.cat([context, context_2], dim=-1), pooled
+
+
+def _label(model: StableDiffusion, pooled, original_size, crop_top_left, target_size) -> torch.Tensor:
+    target_size = target_size if target_size is not None else (default_size(model),) * 2
+    return unet_lib.label_vector(pooled, target_size if original_size is None else original_size, crop_top_left,
+                                 target_size)
+
+
+def encode_prompts(model: StableDiffusion, prompts: list[str], original_size=None, crop_top_left=(0, 0),
+                   target_size=None) -> Conditioning:
+    """Prompts -> the UNet's conditioning: model.unet(x, t, c.context, c.y).
+
+    SDXL's y also holds its micro-conditioning (ignored for SD 1.x/2.x), (h, w) pixel pairs, one for the batch or
+    one per prompt ([B, 2], e.g. each training image's own): `original_size` (default: target_size), the
+    `crop_top_left` corner (0, 0), and `target_size` (default: default_size, 1024 x 1024)."""
+    context, pooled = _text_states(model, prompts)
+    if pooled is None:
+        return Conditioning(context)
+    return Conditioning(context, _label(model, pooled, original_size, crop_top_left, target_size))
+
+
+def encode_negative(model: StableDiffusion, negative_prompt: str, n: int, original_size=None, crop_top_left=(0, 0),
+                    target_size=None) -> Conditioning:
+    """The unconditional half of classifier-free guidance, for n images: the negative prompt encoded. No negative
+    prompt ("") is the empty prompt encoded for SD 1.x/2.x, but zeros for SDXL, context and pooled alike: SDXL base's
+    `force_zeros_for_empty_prompt`, which diffusers applies when negative_prompt is None (an explicit "" there would
+    be encoded; here "" always means none)."""
+    if negative_prompt or model.text_encoder_2 is None:
+        return encode_prompts(model, [negative_prompt] * n, original_size, crop_top_left, target_size)
+    p = next(model.text_encoder_2.parameters())
+    zeros = lambda *shape: torch.zeros(shape, device=p.device, dtype=p.dtype)  # noqa: E731
+    pooled = zeros(n, model.text_encoder_2.cfg.projection_dim)
+    return Conditioning(zeros(n, clip_text.CONTEXT_LENGTH, model.unet.cfg.context_dim),
+                        _label(model, pooled, original_size, crop_top_left, target_size))
 
 
 def latent_factor(model: StableDiffusion) -> int:
@@ -478,34 +591,51 @@ def initial_latents(model: StableDiffusion, n: int, height: int, width: int, gen
     return z.to(param.device)
 
 
+def decode(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+    """UNet latents -> images in [0, 1] (float32, CPU): divided by the VAE's scale (SD 0.18215, SDXL 0.13025) and
+    decoded in the VAE's dtype (fp32 for SDXL's, whatever the UNet's)."""
+    vae_dtype = next(model.vae.parameters()).dtype
+    images = model.vae.decode(latents.to(vae_dtype) / model.vae.cfg.scaling_factor)
+    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
 @torch.no_grad()
 def text_to_image(model: StableDiffusion, prompts: list[str], negative_prompt: str = "", steps: int = 50,
-                  guidance: float = 7.5, eta: float = 0.0, generator=None, height: int = 512, width: int = 512,
-                  latents=None, progress: bool = True) -> torch.Tensor:
-    """DDIM text-to-image; returns images in [0, 1], [B, 3, H, W] (float32, CPU).
+                  guidance: float = 7.5, eta: float = 0.0, generator=None, height: int | None = None,
+                  width: int | None = None, latents=None, progress: bool = True, original_size=None,
+                  crop_top_left=(0, 0), target_size=None) -> torch.Tensor:
+    """DDIM text-to-image; returns images in [0, 1], [B, 3, H, W] (float32, CPU). height and width default to the
+    given latents' size, else default_size (SD 512, SDXL 1024); SDXL's micro-conditioning (encode_prompts) to
+    original_size = target_size = (height, width), crop (0, 0), as diffusers' pipeline.
 
-    As StableDiffusionPipeline + DDIMScheduler: classifier-free guidance with the negative (or empty) prompt
-    only when guidance > 1, initial latents then each step's η-noise from the one generator, in that order."""
+    As StableDiffusionPipeline / StableDiffusionXLPipeline + DDIMScheduler: classifier-free guidance with the
+    negative prompt (encode_negative: "" is none) only when guidance > 1, initial latents then each step's η-noise
+    from the one generator, in that order."""
     f = latent_factor(model)
+    height = height or (latents.shape[-2] * f if latents is not None else default_size(model))
+    width = width or (latents.shape[-1] * f if latents is not None else default_size(model))
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
-    cond = encode_prompts(model, prompts)
+    sizes = dict(original_size=original_size or (height, width), crop_top_left=crop_top_left,
+                 target_size=target_size or (height, width))
+    cond = encode_prompts(model, prompts, **sizes)
     if latents is None:
         latents = initial_latents(model, len(prompts), height, width, generator)
     if guidance > 1:
-        context = torch.cat([encode_prompts(model, [negative_prompt] * len(prompts)), cond])
+        both = encode_negative(model, negative_prompt, len(prompts), **sizes).cat(cond)
 
         def denoise(x, t):
-            out_uncond, out_cond = model.unet(torch.cat([x, x]), t, context).chunk(2)
+            out_uncond, out_cond = model.unet(torch.cat([x, x]), t, both.context, both.y).chunk(2)
             return ddim.guidance(out_uncond, out_cond, guidance)
     else:
         def denoise(x, t):
-            return model.unet(x, t, cond)
+            return model.unet(x, t, cond.context, cond.y)
 
+    # SDXL samples with SD's DDIM schedule: its scheduler config has the same scaled_linear betas, "leading"
+    # timesteps and steps_offset 1
     latents = ddim.sample(denoise, latents, steps, ddim.alphas_cumprod().to(latents.device), eta=eta,
                           generator=generator, prediction_type=model.prediction_type, progress=progress)
-    images = model.vae.decode(latents / vae_lib.SCALE)
-    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+    return decode(model, latents)
 
 
 def to_pil(images: torch.Tensor):

@@ -275,10 +275,14 @@ def main(argv=None):
         print(f"{a.file}: {len(tensors)} shifted weights, {floats:,} values, {os.path.getsize(a.file):,} bytes")
         for k, v in sorted(meta.items()):
             print(f"  {k}: {v}")
-        for prefix in ("model.diffusion_model.", "cond_stage_model."):
+        # per component, by the original prefixes of every family (SDXL: unet, text_encoder, text_encoder_2)
+        prefixes = [("unet", sd.UNET_PREFIX)] + [(c, p) for family in sd.TEXT_ENCODERS.values()
+                                                 for c, (p, _) in family.items()]
+        for component, prefix in prefixes:
             part = [t for k, t in tensors.items() if k.startswith(prefix)]
             if part:
-                print(f"  {prefix}*: {len(part)} weights, |δ| mean {torch.cat([t.float().abs() for t in part]).mean():.4g}")
+                print(f"  {component} ({prefix}*): {len(part)} weights, {sum(t.numel() for t in part):,} values, "
+                      f"|δ| mean {torch.cat([t.float().abs() for t in part]).mean():.4g}")
         return
     if a.command == "combine":
         for spec in a.files:

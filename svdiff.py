@@ -348,8 +348,8 @@ def _in_subset(component: str, name: str, module: nn.Module, subset: str) -> boo
     """The paper's subsets (Table 1). Names are the original checkpoint's (input_blocks = down, ...)."""
     if subset == "all":
         return True
-    if subset == "text":
-        return component == "text_encoder"
+    if subset == "text":  # SDXL: both encoders
+        return component != "unet"
     if component != "unet":
         return False
     return {"unet": True,
@@ -373,7 +373,7 @@ def shiftable_modules(model, subset="all", keys=None):
     if subset not in SUBSETS:
         raise ValueError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     out = []
-    for component in ("unet", "text_encoder"):
+    for component in sd.SHIFTED:
         root = getattr(model, component)
         if root is None:
             continue
@@ -400,7 +400,7 @@ def shifts(model):
     """[(original checkpoint key, SpectralShift)] of a model with shifts added."""
     import sd
     out = []
-    for component in ("unet", "text_encoder"):
+    for component in sd.SHIFTED:
         root = getattr(model, component)
         for name, m in (root.named_modules() if root is not None else []):
             if isinstance(m, SpectralShift):
@@ -414,12 +414,13 @@ def _set_child(root: nn.Module, name: str, new: nn.Module):
 
 
 def add_spectral_shifts(model, subset="all", rank=None, mode="auto", cache=None, keys=None, progress=True):
-    """Wrap the chosen layers of model.unet and model.text_encoder in SpectralShift (δ = 0: outputs unchanged).
-    The SVDs run on the model's device; `cache` (a file path) stores/reuses them, keyed by the base weights'
-    fingerprint. Everything else is frozen. Returns the list of (key, SpectralShift)."""
+    """Wrap the chosen layers of model.unet and the text encoder(s) (sd.SHIFTED) in SpectralShift (δ = 0: outputs
+    unchanged). The SVDs run on the model's device; `cache` (a file path) stores/reuses them, keyed by the base
+    weights' fingerprint. Everything else is frozen. Returns the list of (key, SpectralShift)."""
+    import sd
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    for component in ("unet", "text_encoder", "vae"):
+    for component in sd.SHIFTED + ("vae",):
         if getattr(model, component, None) is not None:
             getattr(model, component).requires_grad_(False)
     chosen = shiftable_modules(model, subset, keys)
@@ -446,7 +447,8 @@ def add_spectral_shifts(model, subset="all", rank=None, mode="auto", cache=None,
 
 def remove_spectral_shifts(model):
     """Put the plain layers back (with their current weights: unmerge first to get the originals)."""
-    for component in ("unet", "text_encoder"):
+    import sd
+    for component in sd.SHIFTED:
         root = getattr(model, component)
         for name, m in list(root.named_modules() if root is not None else []):
             if isinstance(m, SpectralShift):
@@ -507,7 +509,8 @@ def unmerge(model):
 
 
 def fingerprint(model) -> str:
-    """The identity of the base weights (UNet + text encoder) that shift files and the SVD cache are checked against.
+    """The identity of the base weights (UNet + text encoder(s), sd.SHIFTED) that shift files and the SVD cache are
+    checked against.
 
     It must not depend on how the model was loaded — fp32, bf16 or fp16, single file or diffusers folder, CPU or
     CUDA — so that a file trained in bf16 applies to an fp16 load, yet it must change when any weight does (another
@@ -518,7 +521,7 @@ def fingerprint(model) -> str:
     identity is fixed from then on: it names the weights that were loaded, not later edits such as a merge. (A
     checkpoint stored in bf16 is coarser than fp16, so it differs from the fp32 original of the same model.)"""
     import sd
-    for component in sd.IDENTITY:
+    for component in sd.SHIFTED:
         root = getattr(model, component)
         if root is not None and component not in model.digests:
             digests = {}
@@ -528,7 +531,7 @@ def fingerprint(model) -> str:
                         raise ValueError(f"{component}.{name} was dropped before the model's fingerprint was taken")
                     digests.update(sd.tensor_digests(name.replace("base.", ""), p))
             model.digests[component] = sd.weights_digest(digests)
-    h = "".join(f"{c}:{model.digests[c]}\n" for c in sd.IDENTITY if getattr(model, c) is not None)
+    h = "".join(f"{c}:{model.digests[c]}\n" for c in sd.SHIFTED if getattr(model, c) is not None)
     return hashlib.sha256(h.encode()).hexdigest()[:16]
 
 
@@ -538,7 +541,8 @@ PRECISION = {"torch.float32": 3, "torch.float16": 2, "torch.bfloat16": 1}  # bit
 
 def _weights_dtype(model) -> torch.dtype:
     """The dtype the base weights were loaded in (δ, always fp32, aside)."""
-    return next(p for c in ("unet", "text_encoder") if getattr(model, c) is not None
+    import sd
+    return next(p for c in sd.SHIFTED if getattr(model, c) is not None
                 for n, p in getattr(model, c).named_parameters() if not n.endswith("delta")).dtype
 
 

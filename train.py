@@ -27,7 +27,6 @@ import ddim
 import sd
 import shifts
 import svdiff
-import vae as vae_lib
 from sample import check_writable, grid
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -329,7 +328,7 @@ def train(a, instances=None):
     (out / "config.json").write_text(json.dumps(vars(a), indent=2))
 
     def sample_latents(latent_pairs, n):
-        """n random (image, flip) draws from one subject's cached posteriors -> z·SCALE."""
+        """n random (image, flip) draws from one subject's cached posteriors -> z·scale (the VAE's scaling_factor)."""
         mean_logvar, mean_logvar_flip = latent_pairs
         idx = torch.randint(len(mean_logvar), (n,), generator=gen)
         flip = torch.rand(n, generator=gen) < 0.5 if a.flip else torch.zeros(n, dtype=torch.bool)
@@ -337,7 +336,7 @@ def train(a, instances=None):
         m = torch.where(flip[:, None, None, None].to(mean_logvar.device), mean_logvar_flip[idx], mean_logvar[idx])
         mean, logvar = m.chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean.device)
-        return z * vae_lib.SCALE, idx
+        return z * model.vae.cfg.scaling_factor, idx
 
     def save(step, rng):
         """The shift file and resume.pt of `step`: δ (fp32 in resume.pt, whatever --half makes of the shift file),
@@ -405,8 +404,8 @@ def train(a, instances=None):
             unmix = collage  # recorded on every collage, so that log.jsonl shows it even with --unmix-weight 0
             model.unet.record_cross_attention(unmix)
             with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda), torch.set_grad_enabled(not last):
-                context = sd.encode_prompts(model, prompts)
-                pred = model.unet(x_t.to(context.dtype), t, context).float()
+                cond = sd.encode_prompts(model, prompts)
+                pred = model.unet(x_t.to(cond.context.dtype), t, cond.context, cond.y).float()
             n = a.batch_size
             loss, prior_loss = svdiff.prior_preservation_loss(pred[:n], target[:n], pred[n:], target[n:],
                                                               a.prior_weight)

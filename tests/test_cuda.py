@@ -30,7 +30,6 @@ import shifts
 import svdiff
 import tiny
 import train
-import vae as vae_lib
 from conftest import BPE_VOCAB, load_with_shifts, photo
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
@@ -98,11 +97,11 @@ def fixed_loss(lane, shift_file=None):
     images, _ = train.load_image_folder(lane / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
-        z = model.vae.encode(torch.stack(images).to(DEVICE))[0].repeat(4, 1, 1, 1) * vae_lib.SCALE
+        z = model.vae.encode(torch.stack(images).to(DEVICE))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor
         noise = torch.randn(z.shape, generator=g).to(DEVICE)
         t = torch.randint(0, 1000, (len(z),), generator=g).to(DEVICE)
         pred = model.unet(ddim.add_noise(z, noise, t, ddim.alphas_cumprod()), t,
-                          sd.encode_prompts(model, ["a photo of sks dog"] * len(z)))
+                          sd.encode_prompts(model, ["a photo of sks dog"] * len(z)).context)
     return torch.nn.functional.mse_loss(pred.float(), noise).item()
 
 

@@ -15,7 +15,6 @@ import svdiff
 import tiny
 import train
 import unet as unet_lib
-import vae as vae_lib
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 # attention at two levels and in the middle block: three attention resolutions
@@ -108,7 +107,7 @@ def test_unmix_gradient_reaches_the_spectral_shifts(tmp_path, bpe_vocab):
     subjects = [[(svdiff.token_positions(model.tokenizer, prompt, "sks"), "left"),
                  (svdiff.token_positions(model.tokenizer, prompt, "zwx"), "right")]]
     model.unet.record_cross_attention(True)
-    model.unet(torch.randn(1, 4, 8, 8), 500, sd.encode_prompts(model, [prompt]))
+    model.unet(torch.randn(1, 4, 8, 8), 500, sd.encode_prompts(model, [prompt]).context)
     loss = svdiff.unmix_loss(model.unet.cross_attention_probs(), subjects, 8, 8)
     assert loss > 0
     loss.backward()
@@ -137,7 +136,7 @@ def fixed_unmix_loss(root, shift_file=None):
     model = load_with_shifts(root / "model", shift_file)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        z = {n: model.vae.encode(torch.stack(train.load_image_folder(root / n, 64)[0]))[0] * vae_lib.SCALE
+        z = {n: model.vae.encode(torch.stack(train.load_image_folder(root / n, 64)[0]))[0] * model.vae.cfg.scaling_factor
              for n in ("dog", "sculpture")}
         total = 0.0
         for left, right in (("dog", "sculpture"), ("sculpture", "dog")):
@@ -147,7 +146,7 @@ def fixed_unmix_loss(root, shift_file=None):
             t = torch.randint(0, 1000, (len(x0),), generator=g)
             x_t = ddim.add_noise(x0, torch.randn(x0.shape, generator=g), t, ddim.alphas_cumprod())
             model.unet.record_cross_attention(True)
-            model.unet(x_t, t, sd.encode_prompts(model, [prompt] * len(x0)))
+            model.unet(x_t, t, sd.encode_prompts(model, [prompt] * len(x0)).context)
             subjects = [[(svdiff.token_positions(model.tokenizer, prompt, "sks"), "left" if left == "dog" else "right"),
                          (svdiff.token_positions(model.tokenizer, prompt, "zwx"), "right" if left == "dog" else "left")]]
             total += svdiff.unmix_loss(model.unet.cross_attention_probs(), subjects * len(x0), 8, 8).item()

@@ -109,8 +109,8 @@ def test_inversion_and_sampling_equal_diffusers_schedulers(tiny_model, eta, mode
         ref = pipe.image_processor.postprocess(pipe.vae.decode(ref_latents / pipe.vae.config.scaling_factor).sample,
                                                output_type="pt")
         # our sampled latents: sd.text_to_image's loop (it returns only the decoded image), stopped before decoding
-        context = torch.cat([sd.encode_prompts(model, [""]), sd.encode_prompts(model, [prompt])])
-        denoise = lambda x, t: ddim.guidance(*model.unet(torch.cat([x, x]), t, context).chunk(2), 3.0)
+        both = sd.encode_negative(model, "", 1).cat(sd.encode_prompts(model, [prompt]))
+        denoise = lambda x, t: ddim.guidance(*model.unet(torch.cat([x, x]), t, *both).chunk(2), 3.0)
         latents = ddim.sample(denoise, z_T, steps, A, eta, torch.Generator().manual_seed(5), model.prediction_type,
                               progress=False)
 

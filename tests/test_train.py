@@ -18,7 +18,6 @@ import shifts
 import svdiff
 import tiny
 import train
-import vae as vae_lib
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -53,10 +52,10 @@ def instance_loss(setup, shift_file=None, model=None):
     images, _ = train.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
-        z = model.vae.encode(torch.stack(images))[0].repeat(4, 1, 1, 1) * vae_lib.SCALE
+        z = model.vae.encode(torch.stack(images))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, 1000, (len(z),), generator=g)
-        ctx = sd.encode_prompts(model, ["a photo of sks dog"] * len(z))
+        ctx = sd.encode_prompts(model, ["a photo of sks dog"] * len(z)).context
         pred = model.unet(ddim.add_noise(z, noise, t, ddim.alphas_cumprod()), t, ctx)
     target = noise if model.prediction_type == "epsilon" else ddim.velocity(z, noise, t, ddim.alphas_cumprod())
     return torch.nn.functional.mse_loss(pred, target).item()
