@@ -505,7 +505,8 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
     else:
         modules, tokenizers, family, file_prediction, digests = _load_single_file(path, device, dtype, components,
                                                                                   vocab)
-    return StableDiffusion(**modules, **tokenizers, family=family,
+    parts = {name: None for name in ("unet", "vae", "text_encoder", "tokenizer")} | modules | tokenizers
+    return StableDiffusion(**parts, family=family,
                            prediction_type=prediction_type or file_prediction or "epsilon", path=str(path),
                            digests=digests, source=source)
 

@@ -1,6 +1,7 @@
 """The base model's fingerprint names its weights, not how they were loaded: one fingerprint for fp32, bf16 and fp16
-loads of a single file and of its diffusers folder, so a shift file trained in one precision applies in another;
-another model of the same architecture (one weight changed) is refused, through the command line too."""
+loads of a single file and of its diffusers folder (SD1, SD2, SDXL), so a shift file trained in one precision applies
+in another; another model of the same architecture (one weight changed, in the UNet or any text encoder) is refused,
+through the command line too."""
 import subprocess
 import sys
 
@@ -18,50 +19,67 @@ ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])  # sd2: q/k/v fused in the single file, apart in the folder
+# sd2: q/k/v fused in the single file, apart in the folder; sdxl: the same for bigG, whose projection is also
+# transposed in the folder, and a second text encoder
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def layouts(request, tmp_path_factory):
-    """One tiny model as a single file, as its diffusers folder (the same numbers, converted by diffusers) and as
-    that folder stored in fp16."""
+    """(root, family): one tiny model as a single file, as its diffusers folder (the same numbers, converted by
+    diffusers) and as that folder stored in fp16."""
     from conftest import require_bpe_vocab
     root = tmp_path_factory.mktemp(request.param)
     oracle = tiny.write_single_file(root / "model.safetensors", request.param)
     tiny.save_folder(root / "folder", oracle, request.param, require_bpe_vocab())
     tiny.save_folder(root / "folder16", oracle, request.param, require_bpe_vocab(), dtype=torch.float16)
-    return root
+    return root, request.param
 
 
 def test_one_fingerprint_for_every_load_precision_and_both_layouts(layouts, bpe_vocab):
-    prints = {(where, dtype): svdiff.fingerprint(sd.load(layouts / where, dtype=dtype, vocab=bpe_vocab))
+    root, _ = layouts
+    prints = {(where, dtype): svdiff.fingerprint(sd.load(root / where, dtype=dtype, vocab=bpe_vocab))
               for where in ("model.safetensors", "folder", "folder16") for dtype in DTYPES}
     assert len(set(prints.values())) == 1, prints
 
 
 @pytest.mark.parametrize("where,change", [("unet", "tensor"), ("unet", "element"), ("text", "element")])
 def test_one_changed_weight_is_another_model(layouts, bpe_vocab, tmp_path, where, change):
-    ckpt = load_file(str(layouts / "model.safetensors"))
-    prefix = sd.UNET_PREFIX if where == "unet" else "cond_stage_model."
-    key = next(k for k, v in sorted(ckpt.items()) if k.startswith(prefix) and v.ndim == 2)
-    if change == "tensor":  # as another fine-tune of the same architecture would
-        ckpt[key] = ckpt[key] + 0.01 * torch.randn(ckpt[key].shape)
-    else:  # one number, changed well above fp16's rounding
-        ckpt[key][0, 0] += 0.01
-    save_file(ckpt, str(tmp_path / "other.safetensors"))
-    for dtype in DTYPES:
-        other = svdiff.fingerprint(sd.load(tmp_path / "other.safetensors", dtype=dtype, vocab=bpe_vocab))
-        assert other != svdiff.fingerprint(sd.load(layouts / "model.safetensors", dtype=dtype, vocab=bpe_vocab))
+    """"text": one weight of each text encoder in turn (SDXL: both, bigG's projection too)."""
+    root, family = layouts
+    ckpt = load_file(str(root / "model.safetensors"))
+    if where == "unet":
+        keys = [next(k for k, v in sorted(ckpt.items()) if k.startswith(sd.UNET_PREFIX) and v.ndim == 2)]
+    else:
+        keys = [next(k for k, v in sorted(ckpt.items()) if k.startswith(prefix) and v.ndim == 2)
+                for prefix, _ in sd.TEXT_ENCODERS[family].values()]
+        keys += [k for k in ckpt if k.endswith(".text_projection") and family == "sdxl"]
+    base = {dtype: svdiff.fingerprint(sd.load(root / "model.safetensors", dtype=dtype, vocab=bpe_vocab))
+            for dtype in DTYPES}
+    for key in keys:
+        other = dict(ckpt)
+        if change == "tensor":  # as another fine-tune of the same architecture would
+            other[key] = ckpt[key] + 0.01 * torch.randn(ckpt[key].shape)
+        else:  # one number, changed well above fp16's rounding
+            other[key] = ckpt[key].clone()
+            other[key][0, 0] += 0.01
+        save_file(other, str(tmp_path / "other.safetensors"))
+        for dtype in DTYPES:
+            assert svdiff.fingerprint(sd.load(tmp_path / "other.safetensors", dtype=dtype, vocab=bpe_vocab)) != \
+                base[dtype], key
 
 
 def test_svd_cache_made_from_an_fp32_load_serves_a_bf16_load(layouts, bpe_vocab, tmp_path):
+    root, _ = layouts
     cache = tmp_path / "svd.safetensors"
-    svdiff.add_spectral_shifts(sd.load(layouts / "model.safetensors", vocab=bpe_vocab), subset="cross-attn",
+    svdiff.add_spectral_shifts(sd.load(root / "model.safetensors", vocab=bpe_vocab), subset="cross-attn",
                                cache=cache, progress=False)
-    half = sd.load(layouts / "folder", dtype=torch.bfloat16)
+    half = sd.load(root / "folder", dtype=torch.bfloat16)
     assert len(svdiff.load_svd_cache(cache, half)) > 0
 
 
 def test_fingerprint_of_a_model_built_in_memory_is_taken_before_weights_are_dropped(layouts, bpe_vocab):
-    loaded = sd.load(layouts / "model.safetensors", vocab=bpe_vocab)
-    built = sd.StableDiffusion(loaded.unet, None, loaded.text_encoder, None, loaded.family, "epsilon")
+    root, _ = layouts
+    loaded = sd.load(root / "model.safetensors", vocab=bpe_vocab)
+    built = sd.StableDiffusion(loaded.unet, None, loaded.text_encoder, None, loaded.family, "epsilon",
+                               text_encoder_2=loaded.text_encoder_2)
     assert svdiff.fingerprint(built) == svdiff.fingerprint(loaded)  # digested from the weights in memory
     svdiff.add_spectral_shifts(built, progress=False)
     svdiff.drop_weights(built)
@@ -143,11 +161,12 @@ def test_combine_half_writes_fp16(trained, tmp_path):
 def test_svd_cache_made_from_a_bf16_load_is_recomputed_for_an_fp32_load(layouts, bpe_vocab, tmp_path, capsys):
     """The same weights, but the bf16 load's factors are those of the rounded W: a more precise load recomputes
     them (and keeps its own), a load as coarse or coarser uses them."""
+    root, _ = layouts
     cache = tmp_path / "svd.safetensors"
-    svdiff.add_spectral_shifts(sd.load(layouts / "folder", dtype=torch.bfloat16), subset="cross-attn", cache=cache,
+    svdiff.add_spectral_shifts(sd.load(root / "folder", dtype=torch.bfloat16), subset="cross-attn", cache=cache,
                                progress=False)
-    assert svdiff.load_svd_cache(cache, sd.load(layouts / "folder", dtype=torch.bfloat16))
-    fp32 = sd.load(layouts / "folder")
+    assert svdiff.load_svd_cache(cache, sd.load(root / "folder", dtype=torch.bfloat16))
+    fp32 = sd.load(root / "folder")
     assert svdiff.load_svd_cache(cache, fp32) == {} and "made from torch.bfloat16" in capsys.readouterr().err
     svdiff.add_spectral_shifts(fp32, subset="cross-attn", cache=cache, progress=False)
-    assert svdiff.load_svd_cache(cache, sd.load(layouts / "folder", dtype=torch.float16))  # now fp32 factors
+    assert svdiff.load_svd_cache(cache, sd.load(root / "folder", dtype=torch.float16))  # now fp32 factors

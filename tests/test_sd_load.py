@@ -129,8 +129,8 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("keys,words", [
-    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (4, 4),
-      "model.diffusion_model.label_emb.0.0.weight": (4, 4)}, "SDXL"),
+    ({"conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": (12, 4),
+      "model.diffusion_model.label_emb.0.0.weight": (4, 4)}, "SDXL refiner"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "LoRA"),
     ({"encoder.conv_in.weight": (4, 3, 3, 3), "decoder.conv_in.weight": (4, 4, 3, 3)}, "VAE alone"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (4,)}, "spectral-shift"),

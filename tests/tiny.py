@@ -105,7 +105,10 @@ def write_ours(path: Path, size="tiny", dtype=torch.float32, device="cpu"):
 
 
 def write_single_file(path: Path, family: str, dtype=torch.float32, extras=True):
-    """Draw original-layout tensors and write one checkpoint file; return the oracle models (diffusers/HF)."""
+    """Draw original-layout tensors and write one checkpoint file; return the oracle models (diffusers/HF).
+    family "sdxl": write_sdxl_single_file."""
+    if family == "sdxl":
+        return write_sdxl_single_file(path, dtype)
     ucfg = unet_lib.config_from_diffusers(unet_config(family))
     ours_unet = randomize_(unet_lib.UNet(ucfg), 1)
     ours_vae = randomize_(vae_lib.VAE(vae_lib.config_from_diffusers(VAE_CONFIG)), 2)
@@ -147,6 +150,8 @@ def write_single_file(path: Path, family: str, dtype=torch.float32, extras=True)
 
 def oracle_from_checkpoint(ckpt: dict, family: str):
     """diffusers/transformers models loaded from an original-layout state dict by diffusers' OWN converters."""
+    if family == "sdxl":
+        return sdxl_oracle_from_checkpoint(ckpt)
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     o_unet = _oracle_unet(family)
@@ -196,6 +201,8 @@ def write_folder(path: Path, family: str, bpe_gz: Path, dtype=torch.float32, var
 def save_folder(path: Path, oracle: dict, family: str, bpe_gz: Path, dtype=torch.float32, variant=None,
                 prediction_type=None, max_shard_size=None):
     """The oracle models (e.g. those write_single_file returns: the same weights) saved as a diffusers folder."""
+    if family == "sdxl":
+        return save_sdxl_folder(path, oracle, bpe_gz, dtype, variant)
     shard = dict(max_shard_size=max_shard_size) if max_shard_size else {}
     for name, m in oracle.items():
         m.to(dtype).save_pretrained(path / name, variant=variant, **shard)
@@ -328,11 +335,23 @@ def write_sdxl_folder(path: Path, bpe_gz: Path, dtype=torch.float32, variant=Non
                   vae=randomize_(AutoencoderKL(**SDXL_VAE_CONFIG), 32),
                   text_encoder=randomize_(CLIPTextModel(l_cfg), 33),
                   text_encoder_2=randomize_(CLIPTextModelWithProjection(g_cfg), 34))
+    save_sdxl_folder(path, oracle, bpe_gz, dtype, variant)
+    return oracle
+
+
+def write_sdxl_tokenizers(path: Path, bpe_gz: Path):
+    """tokenizer/ and tokenizer_2/ as stabilityai/stable-diffusion-xl-base-1.0 holds them."""
+    write_tokenizer_files(path / "tokenizer", bpe_gz, "sd1", sdxl_tokenizer_config("<|endoftext|>"))
+    write_tokenizer_files(path / "tokenizer_2", bpe_gz, "sd2", sdxl_tokenizer_config("!"))
+
+
+def save_sdxl_folder(path: Path, oracle: dict, bpe_gz: Path, dtype=torch.float32, variant=None):
+    """The SDXL oracle models (e.g. those write_sdxl_single_file returns: the same weights) saved as a diffusers
+    folder, with SDXL's tokenizers, scheduler config and model_index.json."""
     for name, m in oracle.items():
         m.to(dtype).save_pretrained(path / name, variant=variant)
         m.float()
-    write_tokenizer_files(path / "tokenizer", bpe_gz, "sd1", sdxl_tokenizer_config("<|endoftext|>"))
-    write_tokenizer_files(path / "tokenizer_2", bpe_gz, "sd2", sdxl_tokenizer_config("!"))
+    write_sdxl_tokenizers(path, bpe_gz)
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER))
     (path / "model_index.json").write_text(json.dumps({
@@ -342,4 +361,3 @@ def write_sdxl_folder(path: Path, bpe_gz: Path, dtype=torch.float32, variant=Non
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}))
-    return oracle
