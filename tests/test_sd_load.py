@@ -97,8 +97,10 @@ def test_prediction_type_override_and_components(tmp_path, bpe_vocab):
 def test_loads_in_half_precision(tmp_path, bpe_vocab):
     path = tmp_path / "m.safetensors"
     tiny.write_single_file(path, "sd1")
-    model = sd.load(path, dtype=torch.bfloat16, vocab=bpe_vocab)
-    assert {p.dtype for p in model.unet.parameters()} == {torch.bfloat16}
+    for dtype in (torch.bfloat16, torch.float16):
+        model = sd.load(path, dtype=dtype, vocab=bpe_vocab)
+        # the VAE too: SD's needs no fp32 (only SDXL's, tests/test_sdxl.py)
+        assert {p.dtype for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()} == {dtype}
 
 
 def test_checkpoint_key_round_trip(tmp_path, bpe_vocab):

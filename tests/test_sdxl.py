@@ -1,6 +1,7 @@
 """SDXL's components equal diffusers/transformers: the UNet with its label_emb, both text encoders (context and
 pooled), the VAE (scale, fp32 upcast) and both tokenizers, from the original single-file layout (through
-diffusers' OWN converters) and from a diffusers folder (through our rename rules); and the full-size
+diffusers' OWN converters) and from a diffusers folder (through our rename rules); sd.load builds the whole model
+from either layout, and sd.encode_prompts / encode_negative give the pipeline's conditioning; and the full-size
 architecture's names and shapes are the official ones (built on `meta`, no memory)."""
 import copy
 import dataclasses
@@ -20,10 +21,16 @@ SIZES = dict(original_size=[(768, 1024), (1024, 512)], crop_top_left=[(32, 0), (
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(the tensors of a tiny sd_xl_base_1.0.safetensors, the oracle models)"""
+def single_file(tmp_path_factory):
+    """(a tiny sd_xl_base_1.0.safetensors, the oracle models)"""
     path = tmp_path_factory.mktemp("sdxl_file") / "sd_xl_tiny.safetensors"
-    oracle = tiny.write_sdxl_single_file(path)
+    return path, tiny.write_sdxl_single_file(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(single_file):
+    """(the tensors of the tiny sd_xl_base_1.0.safetensors, the oracle models)"""
+    path, oracle = single_file
     return load_file(path), oracle
 
 
@@ -384,3 +391,95 @@ def test_full_size_vae_has_the_official_names_and_shapes():
         theirs = AutoencoderKL(**config).state_dict()
     converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ours.items()}, config)
     assert len(ours) == len(converted) == len(theirs) and shapes(converted) == shapes(theirs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sd.load: the whole model from either layout
+
+
+@pytest.mark.parametrize("layout", ["single file", "folder"])
+def test_sd_load_builds_sdxl_from_either_layout(single_file, folder, bpe_vocab, layout):
+    path, oracle = single_file if layout == "single file" else folder
+    model = sd.load(path, vocab=bpe_vocab)
+    assert (model.family, model.prediction_type) == ("sdxl", "epsilon")
+    assert (model.tokenizer.pad_id, model.tokenizer_2.pad_id) == (clip_text.EOS, 0)
+    assert unet_error(model.unet, oracle["unet"]) <= 1e-4
+    errors = text_errors(model.text_encoder, model.text_encoder_2, oracle["text_encoder"], oracle["text_encoder_2"])
+    assert max(errors.values()) <= 1e-4, errors
+    assert vae_error(model.vae, oracle["vae"]) <= 1e-4 and model.vae.cfg.scaling_factor == 0.13025
+
+
+def test_half_precision_load_keeps_sdxls_vae_in_fp32_and_the_text_encoder_is_the_pair(single_file, folder, bpe_vocab):
+    for path in (single_file[0], folder[0]):
+        model = sd.load(path, dtype=torch.float16, vocab=bpe_vocab)
+        assert {p.dtype for p in model.vae.parameters()} == {torch.float32}  # force_upcast: never fp16
+        assert {p.dtype for m in (model.unet, model.text_encoder, model.text_encoder_2) for p in m.parameters()} == \
+            {torch.float16}
+        # components=("unet", "text_encoder"): SDXL's text encoder is the pair, with both tokenizers
+        part = sd.load(path, components=("unet", "text_encoder"), vocab=bpe_vocab)
+        assert part.vae is None and None not in (part.text_encoder, part.text_encoder_2, part.tokenizer,
+                                                 part.tokenizer_2)
+        unet_only = sd.load(path, components=("unet",))
+        assert (unet_only.family, unet_only.text_encoder, unet_only.text_encoder_2) == ("sdxl", None, None)
+
+
+def test_checkpoint_keys_are_the_single_files_names(single_file, bpe_vocab):
+    """Shift files name weights by the SDXL single file's keys: every module key of every component is a key of
+    the file, and back."""
+    path, _ = single_file
+    file_keys = set(load_file(path))
+    model = sd.load(path, vocab=bpe_vocab)
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for k in getattr(model, component).state_dict():
+            key = sd.checkpoint_key(component, k, "sdxl")
+            assert key in file_keys and sd.split_checkpoint_key(key, "sdxl") == (component, k)
+    assert sd.checkpoint_key("text_encoder_2", "transformer.resblocks.0.attn.in_proj.weight", "sdxl") == \
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"  # fused q/k/v: one matrix
+    assert sd.checkpoint_key("text_encoder", "text_model.encoder.layers.0.mlp.fc1.weight", "sdxl") == \
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+
+
+def test_a_refiner_or_an_incomplete_sdxl_folder_is_one_clear_line(folder, tmp_path):
+    import shutil
+    path, _ = folder
+    shutil.copytree(path, tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "tokenizer_2")
+    with pytest.raises(ValueError, match="no tokenizer_2/ subfolder"):
+        sd.load(tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "text_encoder")  # the refiner: bigG alone
+    with pytest.raises(ValueError, match="SDXL refiner"):
+        sd.load(tmp_path / "m")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditioning: what StableDiffusionXLPipeline gives the UNet
+
+
+def test_encode_prompts_and_negative_equal_the_pipelines_unet_inputs(folder):
+    """context, and y = pooled + the micro-conditioning's sinusoids (per row here), for the prompt and for the
+    unconditional half: zeros with no negative prompt (force_zeros_for_empty_prompt), else the negative encoded."""
+    from diffusers import StableDiffusionXLPipeline
+    path, _ = folder
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
+    model = sd.load(path)
+    prompts = ["a photo of an astronaut riding a horse on mars!", "sks dog"]
+    sizes = dict(original_size=torch.tensor(SIZES["original_size"]), crop_top_left=torch.tensor(SIZES["crop_top_left"]),
+                 target_size=SIZES["target_size"])
+    pooled_width = tiny.SDXL_POOLED
+    time_ids = unet_lib.label_vector(torch.zeros(2, 0), **sizes)  # the 6 x 256 sinusoids alone
+    assert torch.equal(time_ids, unet_lib.label_vector(torch.zeros(2, pooled_width), **sizes)[:, pooled_width:])
+    for negative in (None, "blurry"):
+        with torch.no_grad():
+            want, want_neg, pooled, pooled_neg = pipe.encode_prompt(prompts, device="cpu",
+                                                                    negative_prompt=negative)
+            cond = sd.encode_prompts(model, prompts, **sizes)
+            neg = sd.encode_negative(model, negative or "", 2, **sizes)
+        assert max_rel(cond.context, want) <= 1e-4 and max_rel(cond.y[:, :pooled_width], pooled) <= 1e-4
+        assert torch.equal(cond.y[:, pooled_width:], time_ids)
+        if negative is None:
+            assert not want_neg.any() and not neg.context.any() and not neg.y[:, :pooled_width].any()
+        else:
+            assert max_rel(neg.context, want_neg) <= 1e-4 and max_rel(neg.y[:, :pooled_width], pooled_neg) <= 1e-4
+        assert torch.equal(neg.y[:, pooled_width:], time_ids)
+    both = neg.cat(cond)
+    assert both.context.shape == (4, 77, sum(tiny.SDXL_TEXT_WIDTH)) and both.y.shape == (4, pooled_width + 6 * 256)
