@@ -2,11 +2,12 @@
 
     python sample.py --prompt "a photo of an astronaut riding a horse on mars"
     python sample.py --prompt "a photo of sks dog in the snow" --shifts runs/sks/shifts.safetensors
+    python sample.py --model stabilityai/stable-diffusion-xl-base-1.0 --prompt "..."      # SDXL, 1024 x 1024
 
 Writes 000.png, 001.png, ... in generation order and grid.png into --out (default: a new folder out/NNN). For the
-same seed the images equal diffusers' StableDiffusionPipeline + DDIMScheduler (initial latents and η-noise drawn
-from one CPU generator). The base model: --model, else the one the --shifts file records, else $SVDIFF_MODEL, else
-SD1.5 from the Hugging Face Hub.
+same seed the images equal diffusers' StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) + DDIMScheduler
+(initial latents and η-noise drawn from one CPU generator). The base model: --model, else the one the --shifts file
+records, else $SVDIFF_MODEL, else SD1.5 from the Hugging Face Hub.
 """
 import argparse
 import json
@@ -27,19 +28,27 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="SD 1.x/2.x single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
+                   help="SD 1.x/2.x/XL single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
                         f"(default: the base model the first --shifts file records, else $SVDIFF_MODEL, else "
                         f"{sd.DEFAULT_MODEL})")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default="", help="the unconditional half of guidance; \"\" is none "
+                   "(SDXL: zeros, diffusers' negative_prompt=None; SD 1.x/2.x: the empty prompt)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="default: 512 for SD 1.x/2.x, 1024 for SDXL")
+    p.add_argument("--width", type=int, default=None, help="default: 512 for SD 1.x/2.x, 1024 for SDXL")
+    # SDXL's micro-conditioning (label_emb): the sizes and crop it was told its training images had
+    p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="SDXL: the original image size to condition on (default: the output size)")
+    p.add_argument("--crops-coords-top-left", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
+                   help="SDXL: the crop's top-left corner to condition on (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="SDXL: the target image size to condition on (default: the output size)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (default: all at once)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
@@ -57,8 +66,14 @@ def parse_args(argv=None):
 
 def check_args(a):
     """Everything we can check before loading gigabytes: one clear line per problem."""
-    if a.height % 8 or a.width % 8 or a.height <= 0 or a.width <= 0:
-        raise ValueError(f"--height and --width must be positive multiples of 8, got {a.height}x{a.width}")
+    for flag, side in (("--height", a.height), ("--width", a.width)):
+        if side is not None and (side % 8 or side <= 0):
+            raise ValueError(f"{flag} must be a positive multiple of 8, got {side}")
+    for flag, pair, low in (("--original-size", a.original_size, 1), ("--target-size", a.target_size, 1),
+                            ("--crops-coords-top-left", a.crops_coords_top_left, 0)):
+        if pair is not None and min(pair) < low:
+            raise ValueError(f"{flag} takes two {'positive' if low else 'non-negative'} numbers of pixels, got "
+                             f"{' '.join(map(str, pair))}")
     if not 1 <= a.steps <= 1000:
         raise ValueError(f"--steps must be between 1 and 1000, got {a.steps}")
     if a.num_images < 1 or (a.batch_size is not None and a.batch_size < 1):
@@ -69,6 +84,23 @@ def check_args(a):
         if not shifts.parse_spec(spec)[0].is_file():
             raise ValueError(f"--shifts {spec}: no such file; pass the shifts.safetensors of a train.py run")
     check_writable(Path(a.out or "out"), "--out")
+
+
+def resolve_sizes(a, model):
+    """The image size (default: sd.default_size, 512 or 1024 for SDXL) and SDXL's micro-conditioning (default: the
+    output size, crop 0 0, the output size, as diffusers' pipeline), known once the model is loaded; the
+    micro-conditioning flags are refused for a model without it."""
+    given = [f for f, v in (("--original-size", a.original_size), ("--crops-coords-top-left", a.crops_coords_top_left),
+                            ("--target-size", a.target_size)) if v is not None]
+    if given and model.family != "sdxl":
+        raise ValueError(f"{', '.join(given)}: SDXL's micro-conditioning, but the model is {model.family} (no "
+                         "label_emb); leave them out")
+    a.height = a.height or sd.default_size(model)
+    a.width = a.width or sd.default_size(model)
+    if model.family == "sdxl":
+        a.original_size = a.original_size or [a.height, a.width]
+        a.crops_coords_top_left = a.crops_coords_top_left or [0, 0]
+        a.target_size = a.target_size or [a.height, a.width]
 
 
 def check_writable(out: Path, flag: str):
@@ -115,6 +147,7 @@ def main(argv=None):
     a.model = sd.choose_model(a.model, shifts.parse_spec(a.shifts[0])[0] if a.shifts else None)
     model = sd.load(a.model, device=a.device, dtype=DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
     a.prediction_type = model.prediction_type
+    resolve_sizes(a, model)
     if a.shifts:
         shifts.apply_shift_files(model, a.shifts, force=a.force, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
@@ -124,7 +157,9 @@ def main(argv=None):
     for i in range(0, a.num_images, a.batch_size):
         n = min(a.batch_size, a.num_images - i)
         images += sd.to_pil(sd.text_to_image(model, [a.prompt] * n, a.negative_prompt, a.steps, a.guidance,
-                                             a.eta, generator, a.height, a.width, latents=latents[i:i + n]))
+                                             a.eta, generator, a.height, a.width, latents=latents[i:i + n],
+                                             original_size=a.original_size, crop_top_left=a.crops_coords_top_left or
+                                             (0, 0), target_size=a.target_size))
     out = Path(a.out) if a.out else new_folder(Path("out"))
     out.mkdir(parents=True, exist_ok=True)
     a.out = str(out)

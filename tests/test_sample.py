@@ -1,4 +1,5 @@
-"""sample.py gives diffusers' StableDiffusionPipeline images for the same seed; bad input is one clear line."""
+"""sample.py gives diffusers' StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) images for the same seed, with
+shift files too; bad input is one clear line."""
 import json
 import subprocess
 import sys
@@ -18,13 +19,28 @@ ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
 
 def pipeline(folder, oracle):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """diffusers' pipeline of the oracle models with the tokenizers in `folder` and DDIM from its scheduler config
+    (SDXL's is EulerDiscrete's: DDIM made from it, as a diffusers user would make it)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
     sched = DDIMScheduler.from_pretrained(folder / "scheduler")
+    if "text_encoder_2" in oracle:
+        return StableDiffusionXLPipeline(**oracle, tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                                         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+                                         scheduler=sched, force_zeros_for_empty_prompt=True, add_watermarker=False)
     return StableDiffusionPipeline(vae=oracle["vae"], text_encoder=oracle["text_encoder"],
                                    tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=oracle["unet"],
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def assert_images_equal(out, ref):
+    """Our PNGs in `out` against the pipeline's images in [0, 1]: at most 2/255 apart."""
+    ref = (ref * 255).round().astype(np.int16)
+    for i in range(len(ref)):
+        ours = np.asarray(Image.open(out / f"{i:03d}.png")).astype(np.int16)
+        assert ours.shape == ref[i].shape and np.abs(ours - ref[i]).max() <= 2, \
+            f"image {i}: max diff {np.abs(ours - ref[i]).max()}/255"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])  # sd2: v-prediction
@@ -40,11 +56,62 @@ def test_images_equal_stable_diffusion_pipeline(tmp_path, bpe_vocab, family, eta
     ref = pipe(prompt, negative_prompt=negative if guidance > 1 else None, num_inference_steps=4,
                guidance_scale=guidance, eta=eta, height=64, width=64, num_images_per_prompt=3, output_type="np",
                generator=torch.Generator("cpu").manual_seed(3)).images
-    ref = (ref * 255).round().astype(np.int16)
-    for i in range(3):
-        ours = np.asarray(Image.open(tmp_path / "out" / f"{i:03d}.png")).astype(np.int16)
-        assert np.abs(ours - ref[i]).max() <= 2, f"image {i}: max diff {np.abs(ours - ref[i]).max()}/255"
+    assert_images_equal(tmp_path / "out", ref)
     assert (tmp_path / "out" / "grid.png").is_file()
+
+
+def sdxl_model(tmp_path, bpe_vocab, layout):
+    """(what --model takes, the folder with the tokenizers and scheduler config, the oracle) of a tiny SDXL."""
+    if layout == "folder":
+        return tmp_path / "model", tmp_path / "model", tiny.write_sdxl_folder(tmp_path / "model", bpe_vocab)
+    oracle = tiny.write_sdxl_single_file(tmp_path / "sd_xl.safetensors")
+    tiny.write_sdxl_tokenizers(tmp_path, bpe_vocab)  # the pipeline's; ours come from the shipped vocabulary
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny.SDXL_SCHEDULER))
+    return tmp_path / "sd_xl.safetensors", tmp_path, oracle
+
+
+@pytest.mark.parametrize("layout", ["single file", "folder"])
+@pytest.mark.parametrize("eta,guidance,negative,sizes", [
+    (0.0, 7.5, "", None),  # no negative prompt: zeros, as the pipeline's negative_prompt=None
+    (0.5, 1.0, "", None),
+    (0.5, 5.0, "blurry", ((96, 128), (16, 8), (64, 48))),  # a negative prompt; micro-conditioning flags
+])
+def test_sdxl_images_equal_stable_diffusion_xl_pipeline(tmp_path, bpe_vocab, layout, eta, guidance, negative, sizes):
+    model, folder, oracle = sdxl_model(tmp_path, bpe_vocab, layout)
+    prompt = "a photo of an astronaut riding a horse!"
+    flags = [f for name, pair in zip(("--original-size", "--crops-coords-top-left", "--target-size"), sizes or ())
+             for f in (name, *map(str, pair))]
+    sample.main(["--model", str(model), "--vocab", str(bpe_vocab), "--prompt", prompt, "--negative-prompt", negative,
+                 "--steps", "4", "--guidance", str(guidance), "--eta", str(eta), "--seed", "3", "--height", "64",
+                 "--width", "64", "--num-images", "2", "--device", "cpu", "--out", str(tmp_path / "out"), *flags])
+    micro = dict(zip(("original_size", "crops_coords_top_left", "target_size"), sizes)) if sizes else {}
+    ref = pipeline(folder, oracle)(prompt, negative_prompt=negative or None, num_inference_steps=4,
+                                   guidance_scale=guidance, eta=eta, height=64, width=64, num_images_per_prompt=2,
+                                   output_type="np", generator=torch.Generator("cpu").manual_seed(3), **micro).images
+    assert_images_equal(tmp_path / "out", ref)
+    config = json.loads((tmp_path / "out" / "sample_config.json").read_text())
+    assert (config["original_size"], config["crops_coords_top_left"], config["target_size"]) == \
+        tuple(list(p) for p in sizes or ((64, 64), (0, 0), (64, 64)))
+
+
+def test_default_size_is_the_models_and_micro_conditioning_is_sdxls(tmp_path, bpe_vocab):
+    """--height/--width default to 512 (SD 1.x/2.x) or 1024 (SDXL), resolved once the model is loaded; the size
+    flags of SDXL's label_emb are refused for a model without one, before anything is written."""
+    a = sample.parse_args(["--prompt", "p", "--crops-coords-top-left", "8", "0"])
+    sample.resolve_sizes(a, sd.StableDiffusion(None, None, None, None, "sdxl", "epsilon"))
+    assert (a.height, a.width, a.original_size, a.crops_coords_top_left, a.target_size) == \
+        (1024, 1024, [1024, 1024], [8, 0], [1024, 1024])
+    for family in ("sd1", "sd2"):
+        a = sample.parse_args(["--prompt", "p", "--width", "640"])
+        sample.resolve_sizes(a, sd.StableDiffusion(None, None, None, None, family, "epsilon"))
+        assert (a.height, a.width, a.original_size, a.target_size) == (512, 640, None, None)
+    model = tmp_path / "m.safetensors"
+    tiny.write_single_file(model, "sd1")
+    r = run_cli("--model", str(model), "--prompt", "x", "--target-size", "64", "64", "--out", str(tmp_path / "out"),
+                "--device", "cpu")
+    assert r.returncode == 1 and "--target-size: SDXL's micro-conditioning, but the model is sd1" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +176,10 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--height", "100"], "multiples of 8"),
+    (["--height", "100"], "--height must be a positive multiple of 8"),
+    (["--width", "0"], "--width must be a positive multiple of 8"),
+    (["--original-size", "0", "64"], "--original-size takes two positive numbers"),
+    (["--crops-coords-top-left", "-1", "0"], "--crops-coords-top-left takes two non-negative numbers"),
     (["--steps", "0"], "between 1 and 1000"),
     (["--steps", "1001"], "between 1 and 1000"),
 ])
