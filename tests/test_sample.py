@@ -201,10 +201,11 @@ def test_single_file_without_vocabulary_and_unwritable_out(tmp_path):
     assert r.returncode == 1 and "not writable" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float64(tmp_path, bpe_vocab, family):
     """Two random δ files with scales, applied by sample.py --shifts, vs diffusers run on W_δ = U diag(ReLU(σ +
-    Σ sᵢδᵢ)) Vᵀ that this test computes itself in float64 from the original-layout weights (γ + Σ sᵢδᵢ for norms)."""
+    Σ sᵢδᵢ)) Vᵀ that this test computes itself in float64 from the original-layout weights (γ + Σ sᵢδᵢ for norms).
+    SD2 and SDXL's bigG: the fused q/k/v `in_proj_weight` is one matrix, as in the file; SDXL: both text encoders."""
     from safetensors.torch import load_file, save_file
     model_path = tmp_path / "model.safetensors"
     tiny.write_single_file(model_path, family)
@@ -215,6 +216,8 @@ def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float6
     meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": family, "subset": "all", "rank": "",
             "fingerprint": svdiff.fingerprint(base)}
     keys = [sd.checkpoint_key(c, n + ".weight", family) for c, n, _ in svdiff.shiftable_modules(base)]
+    assert {sd.split_checkpoint_key(k, family)[0] for k in keys} == \
+        {"unet", "text_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set())
     g = torch.Generator().manual_seed(5)
     files, scales = [], [0.7, -0.4]
     for i in range(2):
@@ -235,9 +238,13 @@ def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float6
         U, S, Vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
         shifted[k] = ((U * torch.relu(S + d)) @ Vh).reshape(w.shape).float()
     oracle = tiny.oracle_from_checkpoint(shifted, family)
-    tiny.write_tokenizer_files(tmp_path / "tokenizer", bpe_vocab, family)
+    if family == "sdxl":
+        tiny.write_sdxl_tokenizers(tmp_path, bpe_vocab)
+    else:
+        tiny.write_tokenizer_files(tmp_path / "tokenizer", bpe_vocab, family)
     (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(tiny.json.dumps(tiny.SCHEDULER))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+        tiny.json.dumps(tiny.SDXL_SCHEDULER if family == "sdxl" else tiny.SCHEDULER))
 
     sample.main(["--model", str(model_path), "--vocab", str(bpe_vocab), "--prompt", "a photo of a dog",
                  "--steps", "3", "--guidance", "7.5", "--seed", "1", "--height", "64", "--width", "64",
@@ -246,10 +253,7 @@ def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float6
     ref = pipeline(tmp_path, oracle)("a photo of a dog", num_inference_steps=3, guidance_scale=7.5, height=64,
                                      width=64, num_images_per_prompt=2, output_type="np",
                                      generator=torch.Generator("cpu").manual_seed(1)).images
-    ref = (ref * 255).round().astype(np.int16)
-    for i in range(2):
-        ours = np.asarray(Image.open(tmp_path / "out" / f"{i:03d}.png")).astype(np.int16)
-        assert np.abs(ours - ref[i]).max() <= 2, f"image {i}: max diff {np.abs(ours - ref[i]).max()}/255"
+    assert_images_equal(tmp_path / "out", ref)
 
 
 def test_default_out_is_a_new_numbered_folder_never_an_earlier_one(tmp_path):
