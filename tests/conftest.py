@@ -2,8 +2,13 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP's default busy-waiting made LAPACK calls (the SVDs) 10-100x slower on a machine shared with other jobs
+# (README, Performance; bench.py sets the same); it must be set before torch loads its OpenMP runtime. Subprocesses
+# (the scripts run as commands) inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))          # the program's flat modules: unet, vae, clip_text, ddim, sd, svdiff
