@@ -134,7 +134,9 @@ def _foreign_repo(files) -> str | None:
     if "text_encoder_2" in top and "text_encoder" not in top:
         return "an SDXL refiner (image to image on bigG alone; only the SDXL base model is supported)"
     if "transformer" in top:
-        return "a transformer pipeline (SD3, Flux, PixArt, ...), not an SD 1.x/2.x UNet pipeline"
+        return "a transformer pipeline (SD3, Flux, PixArt, ...), not an SD 1.x/2.x/XL UNet pipeline"
+    if "unet/config.json" in files:  # a pipeline, whatever else it keeps (SDXL base: an offset-noise LoRA example)
+        return None
     if "adapter_config.json" in files or any("lora" in f.lower() and f.endswith((".safetensors", ".bin"))
                                              for f in files):
         return "a LoRA, not a base model; pass the base model it was trained on"

@@ -36,6 +36,17 @@ FP16 = NEEDED | {f"{w}.fp16.safetensors" for w in WEIGHTS}
 # What SD1.5's repo also holds and a run must never fetch
 UNNEEDED = {"v1-5-pruned-emaonly.safetensors", "safety_checker/model.safetensors", "safety_checker/config.json",
             "feature_extractor/preprocessor_config.json", "README.md"}
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0's layout): a second text encoder and tokenizer
+WEIGHTS_XL = WEIGHTS + ("text_encoder_2/model",)
+NEEDED_XL = NEEDED | {"text_encoder_2/config.json", "tokenizer_2/merges.txt", "tokenizer_2/vocab.json",
+                      "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json"}
+FP32_XL = NEEDED_XL | {f"{w}.safetensors" for w in WEIGHTS_XL}
+FP16_XL = NEEDED_XL | {f"{w}.fp16.safetensors" for w in WEIGHTS_XL}
+# ... and its single files (one of them an offset-noise LoRA example: the repo is still a pipeline), other VAE
+# copies, ONNX and OpenVINO exports
+UNNEEDED_XL = {"sd_xl_base_1.0.safetensors", "sd_xl_offset_example-lora_1.0.safetensors", "vae_1_0/config.json",
+               "vae_1_0/diffusion_pytorch_model.safetensors", "vae_decoder/model.onnx", "unet/model.onnx",
+               "text_encoder_2/model.onnx", "text_encoder_2/openvino_model.xml", "README.md"}
 
 
 def write_repo(folder: Path, family: str):
@@ -56,15 +67,29 @@ def write_repo(folder: Path, family: str):
     (folder / "README.md").write_text("a tiny random model\n")
 
 
-def write_sdxl_like(folder: Path):
-    """What an SDXL repo looks like from its file list: a second text encoder and tokenizer."""
-    for f in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-              "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json",
-              "scheduler/scheduler_config.json"):
+def write_sdxl_repo(folder: Path):
+    """A tiny random SDXL diffusers repo laid out as stable-diffusion-xl-base-1.0 on the Hub: fp32 weights and
+    their fp16 variants, plus what a run must never fetch (UNNEEDED_XL)."""
+    import tiny
+    tiny.write_sdxl_folder(folder, require_bpe_vocab())
+    for w in WEIGHTS_XL:
+        save_file({k: v.half() for k, v in load_file(folder / f"{w}.safetensors").items()},
+                  folder / f"{w}.fp16.safetensors")
+    for f in UNNEEDED_XL:
+        (folder / f).parent.mkdir(parents=True, exist_ok=True)
+        if f.endswith(".safetensors"):
+            save_file({"w": torch.zeros(4)}, folder / f)
+        else:
+            (folder / f).write_text("{}")
+
+
+def write_refiner_like(folder: Path):
+    """What the SDXL refiner looks like from its file list: bigG (text_encoder_2/) alone."""
+    for f in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder_2/config.json",
+              "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "scheduler/scheduler_config.json"):
         (folder / f).parent.mkdir(parents=True, exist_ok=True)
         (folder / f).write_text("{}")
-    for w in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model",
-              "text_encoder_2/model"):
+    for w in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder_2/model"):
         save_file({"w": torch.zeros(4)}, folder / f"{w}.safetensors")
 
 
@@ -73,10 +98,12 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     write_repo(root / "tiny-sd1", "sd1")
     write_repo(root / "tiny-sd2", "sd2")
-    write_sdxl_like(root / "tiny-sdxl")
+    write_sdxl_repo(root / "tiny-sdxl")
+    write_refiner_like(root / "refiner")
     hub = FakeHub()
     for repo_id, folder in (("org/tiny-sd1", "tiny-sd1"), (sd.DEFAULT_MODEL, "tiny-sd1"), ("org/tiny-sd2", "tiny-sd2"),
-                            ("org/tiny-sdxl", "tiny-sdxl"), ("org/gated", "tiny-sd1"), ("org/gated-403", "tiny-sd1")):
+                            ("org/tiny-sdxl", "tiny-sdxl"), ("org/refiner", "refiner"), ("org/gated", "tiny-sd1"),
+                            ("org/gated-403", "tiny-sd1")):
         hub.add(repo_id, root / folder)
     # A gated repo's info and file list are public, its files are not: 401 without a token, 403 with a token whose
     # account has not accepted the licence. A private repo is 401 throughout, as if it did not exist.
@@ -158,6 +185,23 @@ def test_half_precision_fetches_the_fp16_variant_and_a_revision_pins_the_commit(
     assert float(out[2]) == unet_sum(hub.repos["org/tiny-sd2"], torch.float16)
 
 
+def test_an_sdxl_repo_fetches_both_text_encoders_and_tokenizers_only_then_loads_from_the_cache(hub, tmp_path):
+    """fp32 for a full-precision run, the fp16 variants for a half-precision one; never the repo's single files,
+    its other VAE copies or its exports; the second run of either is served by the cache alone."""
+    assert UNNEEDED_XL <= set(hub.files("org/tiny-sdxl"))
+    for dtype, expected in (("float32", FP32_XL), ("float16", FP16_XL)):
+        env = hub_env(hub.url, tmp_path / dtype)
+        hub.log.clear()
+        rc, out, err = load("org/tiny-sdxl", env, dtype)
+        assert rc == 0, err[-3000:]
+        assert hub.requested("org/tiny-sdxl") == expected
+        assert out[:2] == [f"org/tiny-sdxl@{hub.commit('org/tiny-sdxl')}", "epsilon"]
+        assert float(out[2]) == unet_sum(hub.repos["org/tiny-sdxl"], getattr(torch, dtype))
+        hub.log.clear()
+        rc, again, err = load("org/tiny-sdxl", {**env, "HF_HUB_OFFLINE": "1"}, dtype)
+        assert rc == 0 and again == out and hub.log == [], err[-3000:]
+
+
 def test_an_existing_local_path_wins_over_a_hub_id(hub, tmp_path):
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "tiny-sd1").symlink_to(hub.repos["org/tiny-sd2"])  # the SD2 model, named as the SD1 repo
@@ -193,7 +237,7 @@ def test_a_download_cut_off_half_way_is_never_loaded_and_the_next_run_completes_
     ("org/gated", "accept the licence on its page"),
     ("org/gated-403", "accept the licence on its page"),
     ("org/private", "set HF_TOKEN"),
-    ("org/tiny-sdxl", "not an SD 1.x/2.x diffusers repo: it looks like an SDXL pipeline"),
+    ("org/refiner", "not an SD 1.x/2.x/XL diffusers repo: it looks like an SDXL refiner"),
     ("org/tiny-sd1@v9", "has no revision 'v9'"),
     ("models/v1-5.safetensors", "no such file or folder, and not a Hugging Face Hub id"),
     ("unreachable", "cannot be reached"),
