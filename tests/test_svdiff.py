@@ -278,6 +278,68 @@ def test_sd15_all_shift_file_size(tmp_path):
     assert os.path.getsize(tmp_path / "h.safetensors") < 0.55 * size
 
 
+def sdxl_on_meta():
+    """SDXL base 1.0's UNet and both text encoders at full size, on the meta device (no memory)."""
+    from test_sdxl import BIGG, SDXL_UNET, VIT_L
+    with torch.device("meta"):
+        return sd.StableDiffusion(
+            unet_lib.UNet(unet_lib.config_from_diffusers(SDXL_UNET)), None,
+            clip_text.build_text_encoder(clip_text.config_from_diffusers(VIT_L, sdxl=True)), None, "sdxl", "epsilon",
+            text_encoder_2=clip_text.build_text_encoder(clip_text.config_from_diffusers(BIGG, sdxl=True)))
+
+
+def test_sdxl_counts_are_those_of_its_architecture():
+    """`all` = 1,520,706 floats (README): UNet 1,203,880 + ViT-L 68,429 + bigG 248,397, each equal to a count over
+    diffusers'/transformers' own modules of the same architecture, less what SDXL does not run (ViT-L's last layer
+    and final norm) and what our layout fuses (bigG's q/k/v: one matrix of min(3C, C) = C values, not three of C)
+    or keeps as a bare parameter (bigG's text_projection: not shifted)."""
+    from diffusers import UNet2DConditionModel
+    from test_sdxl import BIGG, SDXL_UNET, VIT_L
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    model = sdxl_on_meta()
+
+    def count(subset, component=None):
+        return sum(svdiff.shift_length(m) for c, _, m in svdiff.shiftable_modules(model, subset)
+                   if component in (None, c))
+
+    def theirs(root, skip=lambda name: False):
+        return sum(svdiff.shift_length(m) for n, m in root.named_modules()
+                   if isinstance(m, svdiff.SHIFTABLE) and getattr(m, "weight", None) is not None and not skip(n))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vit_l = CLIPTextModel(CLIPTextConfig(**VIT_L))
+        big_g = CLIPTextModelWithProjection(CLIPTextConfig(**BIGG))
+    assert count("unet") == theirs(unet) == 1_203_880
+    assert count("text", "text_encoder") == theirs(vit_l, lambda n: ".layers.11." in n or "final_layer_norm" in n) \
+        == 68_429
+    assert count("text", "text_encoder_2") == theirs(big_g) - 32 * 2 * 1280 - 1280 == 248_397
+    assert count("all") == count("unet") + count("text") == 1_520_706
+    assert count("cross-attn") == 332_800 and count("up") + count("down") + count("mid") < count("unet")
+
+
+def test_sdxl_all_shift_file_size_and_info(tmp_path, capsys):
+    """Every δ of SDXL `all` in fp32 with the single file's key names: 5.98 MiB (README), half in fp16; `shifts.py
+    info` counts them per component."""
+    from safetensors.torch import save_file
+    model = sdxl_on_meta()
+    tensors = {sd.checkpoint_key(c, n + ".weight", "sdxl"): torch.zeros(svdiff.shift_length(m))
+               for c, n, m in svdiff.shiftable_modules(model)}
+    assert any(k.startswith("conditioner.embedders.1.model.") and k.endswith("in_proj_weight") for k in tensors)
+    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sdxl", "subset": "all", "rank": "",
+            "fingerprint": "0" * 16}
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
+    size = os.path.getsize(tmp_path / "s.safetensors")
+    assert size <= 6.0 * 2 ** 20, size
+    save_file({k: v.half() for k, v in tensors.items()}, str(tmp_path / "h.safetensors"), metadata=meta)
+    assert os.path.getsize(tmp_path / "h.safetensors") < 0.55 * size
+    shifts.main(["info", str(tmp_path / "s.safetensors")])
+    lines = capsys.readouterr().out.splitlines()
+    for component, prefix, values in (("unet", "model.diffusion_model.", "1,203,880"),
+                                      ("text_encoder", "conditioner.embedders.0.transformer.", "68,429"),
+                                      ("text_encoder_2", "conditioner.embedders.1.model.", "248,397")):
+        assert any(l.startswith(f"  {component} ({prefix}*): ") and f" {values} values" in l for l in lines), lines
+
+
 def test_slerp_is_shoemakes_formula_per_sample_from_end_to_end():
     """Eq. 7 against sin-weights computed in float64 with numpy, each sample of the batch at its own angle."""
     z, n = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
