@@ -238,8 +238,9 @@ def detect_family(shapes: dict[str, tuple]) -> str:
 
 
 def _ignored_key(key: str, family: str, text_cfgs: dict) -> bool:
-    """Keys a single file may carry that we do not model: EMA copies, schedule buffers, unused text parts."""
-    if key.startswith("model_ema."):
+    """Keys a single file may carry that we do not model: EMA copies, schedule buffers (SDXL files saved by the
+    sgm code or the UIs: `denoiser.sigmas`), unused text parts."""
+    if key.startswith(("model_ema.", "denoiser.")):
         return True
     if "." not in key:  # LatentDiffusion buffers: betas, alphas_cumprod, posterior_*, logvar, ...
         return True

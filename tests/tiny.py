@@ -256,8 +256,8 @@ SDXL_PREFIX = dict(unet="model.diffusion_model.", vae="first_stage_model.",
 
 def sdxl_checkpoint():
     """Original-layout SDXL tensors drawn with our modules, as a full file holds them (ViT-L with its last layer
-    and final norm, which SDXL does not use; schedule buffers; bigG's logit_scale), and the oracle models loaded
-    from them by diffusers' OWN converters. Returns (ckpt, oracle)."""
+    and final norm, which SDXL does not use; schedule buffers, the sgm denoiser's sigmas; bigG's logit_scale), and
+    the oracle models loaded from them by diffusers' OWN converters. Returns (ckpt, oracle)."""
     l_cfg, g_cfg = sdxl_text_configs()
     modules = dict(
         unet=randomize_(unet_lib.UNet(unet_lib.config_from_diffusers(sdxl_unet_config())), 21),
@@ -271,6 +271,7 @@ def sdxl_checkpoint():
         family = "sd2" if name == "text_encoder_2" else "sd1"
         ckpt |= {SDXL_PREFIX[name] + clip_text.module_to_original_key(k, family): v for k, v in m.state_dict().items()}
     ckpt["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    ckpt["denoiser.sigmas"] = ((1 - torch.cumprod(1 - ckpt["betas"], 0)) / torch.cumprod(1 - ckpt["betas"], 0)) ** 0.5
     ckpt[SDXL_PREFIX["text_encoder"] + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     ckpt[SDXL_PREFIX["text_encoder_2"] + "logit_scale"] = torch.tensor(4.6)
     return ckpt, sdxl_oracle_from_checkpoint(ckpt)
