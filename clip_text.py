@@ -190,7 +190,7 @@ class Tokenizer:
 
 
 # openai/CLIP's BPE merges (MIT licence, LICENSE-CLIP-vocab), shipped beside this file: a single-file checkpoint
-# carries no tokenizer, and every SD 1.x/2.x text encoder uses this vocabulary.
+# carries no tokenizer, and every SD 1.x/2.x/XL text encoder uses this vocabulary.
 BPE_VOCAB = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 
 

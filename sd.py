@@ -573,7 +573,8 @@ def encode_negative(model: StableDiffusion, negative_prompt: str, n: int, origin
     p = next(model.text_encoder_2.parameters())
     zeros = lambda *shape: torch.zeros(shape, device=p.device, dtype=p.dtype)  # noqa: E731
     pooled = zeros(n, model.text_encoder_2.cfg.projection_dim)
-    return Conditioning(zeros(n, clip_text.CONTEXT_LENGTH, model.unet.cfg.context_dim),
+    width = model.text_encoder.cfg.width + model.text_encoder_2.cfg.width  # the context of both, side by side
+    return Conditioning(zeros(n, clip_text.CONTEXT_LENGTH, width),
                         _label(model, pooled, original_size, crop_top_left, target_size))
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SCALE = 0.18215  # SD 1.x/2.x's VAEConfig.scaling_factor (kept for the callers that predate SDXL)
+SCALE = 0.18215  # SD 1.x/2.x's scaling_factor (VAEConfig's default; the scripts read model.vae.cfg.scaling_factor)
 SDXL_SCALE = 0.13025
 
 
