@@ -249,6 +249,7 @@ def _ignored_key(key: str, family: str, text_cfgs: dict) -> bool:
             return clip_text.ignored_original_key(key[len(prefix):], text_cfgs[component])
     return False
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building modules from streamed tensors
 
@@ -571,10 +572,10 @@ def encode_negative(model: StableDiffusion, negative_prompt: str, n: int, origin
     if negative_prompt or model.text_encoder_2 is None:
         return encode_prompts(model, [negative_prompt] * n, original_size, crop_top_left, target_size)
     p = next(model.text_encoder_2.parameters())
-    zeros = lambda *shape: torch.zeros(shape, device=p.device, dtype=p.dtype)  # noqa: E731
-    pooled = zeros(n, model.text_encoder_2.cfg.projection_dim)
+    like = dict(device=p.device, dtype=p.dtype)
+    pooled = torch.zeros(n, model.text_encoder_2.cfg.projection_dim, **like)
     width = model.text_encoder.cfg.width + model.text_encoder_2.cfg.width  # the context of both, side by side
-    return Conditioning(zeros(n, clip_text.CONTEXT_LENGTH, width),
+    return Conditioning(torch.zeros(n, clip_text.CONTEXT_LENGTH, width, **like),
                         _label(model, pooled, original_size, crop_top_left, target_size))
 
 
@@ -619,8 +620,9 @@ def text_to_image(model: StableDiffusion, prompts: list[str], negative_prompt: s
     width = width or (latents.shape[-1] * f if latents is not None else default_size(model))
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
-    sizes = dict(original_size=original_size or (height, width), crop_top_left=crop_top_left,
-                 target_size=target_size or (height, width))
+    size = (height, width)
+    sizes = dict(original_size=size if original_size is None else original_size, crop_top_left=crop_top_left,
+                 target_size=size if target_size is None else target_size)
     cond = encode_prompts(model, prompts, **sizes)
     if latents is None:
         latents = initial_latents(model, len(prompts), height, width, generator)
