@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
