@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import sd
 from svdiff import (SpectralShift, add_spectral_shifts, atomic_write, bake, combine, fingerprint, merge,
@@ -180,10 +181,16 @@ def lora_names(model, component, name):
 
 
 def export_lora(model, path, rank=4, dtype=torch.float16):
-    """Write the shifts as a rank-`rank` LoRA that AUTOMATIC1111 / ComfyUI / kohya load (alpha = rank, so scale 1).
-    Prints each layer's relative error; γ and embedding shifts cannot be expressed as a LoRA and are skipped."""
+    """Write the shifts as a rank-`rank` LoRA that diffusers / AUTOMATIC1111 / ComfyUI / kohya load. Prints each
+    layer's relative error; γ and embedding shifts cannot be expressed as a LoRA and are skipped.
+
+    Every layer is written at ONE rank K (the largest min(rank, rank of the layer)) with ONE alpha = K, so each
+    loader's scale alpha/r is 1 however it collects them: diffusers names the alphas of kohya attention layers after
+    its old `processor.to_q_lora` modules, peft matches none of them, and those layers get the MOST COMMON alpha
+    over their own rank (measured: ×0.5 and ×2 on files whose layers had different ranks). A layer of lower rank is
+    padded with zero rows of `down` and zero columns of `up`: the product, and so ΔW, is unchanged."""
     from safetensors.torch import save_file
-    tensors, errors, skipped = {}, [], []
+    factors, errors, skipped = [], [], []
     for component in ("unet", "text_encoder"):
         root = getattr(model, component)
         for name, layer in root.named_modules():
@@ -194,28 +201,31 @@ def export_lora(model, path, rank=4, dtype=torch.float16):
                 continue
             up, down, err = lora_factors(layer, rank)
             errors.append((f"{component}.{name}", err, layer.delta_sigma().detach().double().square().sum()))
-            k = up.shape[1]
-            if layer.kind == "conv":
-                w = layer.base.weight
-                down = down.reshape(k, *w.shape[1:])
-                up = up[:, :, None, None]
-            names = lora_names(model, component, name)
-            rows = up.shape[0] // len(names)  # SD2's fused q/k/v: one LoRA per projection, sharing `down`
-            for i, lname in enumerate(names):
-                tensors[lname + ".lora_up.weight"] = up[i * rows:(i + 1) * rows].to(dtype).contiguous()
-                tensors[lname + ".lora_down.weight"] = down.to(dtype).contiguous()
-                tensors[lname + ".alpha"] = torch.tensor(float(k), dtype=dtype)
+            factors.append((component, name, layer, up, down))
+    K = max((up.shape[1] for *_, up, _ in factors), default=rank)
+    tensors = {}
+    for component, name, layer, up, down in factors:
+        up, down = F.pad(up, (0, K - up.shape[1])), F.pad(down, (0, 0, 0, K - down.shape[0]))
+        if layer.kind == "conv":
+            down = down.reshape(K, *layer.base.weight.shape[1:])
+            up = up[:, :, None, None]
+        names = lora_names(model, component, name)
+        rows = up.shape[0] // len(names)  # SD2's fused q/k/v: one LoRA per projection, sharing `down`
+        for i, lname in enumerate(names):
+            tensors[lname + ".lora_up.weight"] = up[i * rows:(i + 1) * rows].to(dtype).contiguous()
+            tensors[lname + ".lora_down.weight"] = down.to(dtype).contiguous()
+            tensors[lname + ".alpha"] = torch.tensor(float(K), dtype=dtype)
     for name, err, _ in errors:
         print(f"{name}: relative error {err:.4f}")
     num = sum(e ** 2 * t for _, e, t in errors)
     den = sum(t for _, _, t in errors)
     total = (num / den).sqrt().item() if den > 0 else 0.0
-    print(f"total relative error of ΔW (rank {rank}): {total:.4f} over {len(errors)} layers")
+    print(f"total relative error of ΔW (rank {rank}): {total:.4f} over {len(errors)} layers, written at rank {K}")
     if skipped:
         print(f"warning: {len(skipped)} shifted layers (norm γ, embeddings, rank-limited) cannot be expressed in a "
               "LoRA and were left out", file=sys.stderr)
-    atomic_write(lambda p: save_file(tensors, str(p), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-                                                            "ss_network_module": "networks.lora"}), Path(path))
+    meta = {"ss_network_dim": str(K), "ss_network_alpha": str(K), "ss_network_module": "networks.lora"}
+    atomic_write(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
     return total
 
 
