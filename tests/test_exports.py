@@ -145,8 +145,9 @@ def test_merged_checkpoint_from_single_file_gives_sample_py_images(shifted, tmp_
                         str(merged)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pipe = StableDiffusionPipeline.from_single_file(str(merged), config=str(config_folder(tmp_path / "config", oracle, family)),
-                                                    local_files_only=True, safety_checker=None)
+    config = str(config_folder(tmp_path / "config", oracle, family))
+    pipe = StableDiffusionPipeline.from_single_file(str(merged), config=config, local_files_only=True,
+                                                    safety_checker=None)
     prompt = "a photo of a dog"
     ref = pipe(prompt, num_inference_steps=3, guidance_scale=7.5, height=64, width=64, num_images_per_prompt=2,
                output_type="np", generator=torch.Generator("cpu").manual_seed(1)).images
@@ -159,7 +160,7 @@ def test_merged_checkpoint_from_single_file_gives_sample_py_images(shifted, tmp_
         ours = np.asarray(Image.open(tmp_path / "out" / f"{i:03d}.png")).astype(np.int16)
         assert np.abs(ours - ref[i]).max() <= 2, f"image {i}: max diff {np.abs(ours - ref[i]).max()}/255"
     # and the shifts are in it: the base model's images differ
-    base = StableDiffusionPipeline.from_single_file(str(tmp / "base.safetensors"), config=str(tmp_path / "config"),
+    base = StableDiffusionPipeline.from_single_file(str(tmp / "base.safetensors"), config=config,
                                                     local_files_only=True, safety_checker=None)
     plain = base(prompt, num_inference_steps=3, guidance_scale=7.5, height=64, width=64, num_images_per_prompt=2,
                  output_type="np", generator=torch.Generator("cpu").manual_seed(1)).images
