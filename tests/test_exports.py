@@ -59,11 +59,10 @@ def diffusers_pipeline(oracle):
 def loader_messages():
     """What diffusers logs and peft warns meanwhile (unexpected keys, alphas that matched no layer)."""
     class Collect(logging.Handler):
-        messages = []
-
         def emit(self, record):
             self.messages.append(record.getMessage())
     handler = Collect()
+    handler.messages = []
     logging.getLogger("diffusers").addHandler(handler)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
