@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
     # fine-tuning (the authors' single-image recipe: 500 steps, batch 1, lr 1e-3 / 1e-6, text encoder, no prior)
-    p.add_argument("--shifts", default=None, help="shift file of an earlier run on this image: skip fine-tuning")
+    p.add_argument("--shifts", default=None, help="shift file of an earlier run on this image (ours, or "
+                   "svdiff-pytorch's spectral_shifts.safetensors with its _te file beside it): skip fine-tuning")
     p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
     p.add_argument("--steps", type=int, default=500, help="fine-tuning steps")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the matrix (2-D/4-D) shifts")
@@ -213,8 +214,13 @@ def main(argv=None):
         model = sd.load(t.model, device=t.device, dtype=train.weight_dtype(t), vocab=t.vocab)
         shifts.apply_shift_files(model, [a.shifts], force=a.force, cache=t.svd_cache)  # merged, U and V dropped
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / "shifts.safetensors").exists() or not (out / "shifts.safetensors").samefile(a.shifts):
-            svdiff.atomic_write(lambda p: shutil.copyfile(a.shifts, p), out / "shifts.safetensors")
+        copies = {Path(a.shifts): out / "shifts.safetensors"}
+        te = shifts.svdiff_pytorch_te_file(a.shifts)  # an svdiff-pytorch file's text-encoder half goes with it
+        if te:
+            copies[te] = out / "shifts_te.safetensors"
+        for src, dst in copies.items():
+            if not dst.exists() or not dst.samefile(src):
+                svdiff.atomic_write(lambda p: shutil.copyfile(src, p), dst)
     else:
         model = train.train(t, [loaded])  # writes shifts.safetensors (and config.json, log.jsonl, resume.pt) in --out
         # Merged only now: after the last optimizer step, and after the shift file was saved with the base

@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="override the model's (from scheduler_config.json, else epsilon)")
     p.add_argument("--shifts", nargs="*", default=[], metavar="FILE[:SCALE]",
-                   help="spectral-shift files to apply, each with an optional scale")
+                   help="spectral-shift files to apply, each with an optional scale: ours, or svdiff-pytorch's "
+                        "spectral_shifts.safetensors (its _te file beside it is read with it)")
     p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

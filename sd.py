@@ -39,6 +39,7 @@ TEXT_ENCODERS = {"sd1": {"text_encoder": ("cond_stage_model.transformer.", "sd1"
                  "sd2": {"text_encoder": ("cond_stage_model.model.", "sd2")},
                  "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.", "sd1"),
                           "text_encoder_2": ("conditioner.embedders.1.model.", "sd2")}}
+TEXT_PREFIXES = tuple(prefix for family in TEXT_ENCODERS.values() for prefix, _ in family.values())  # all of them
 # What `load(components=)` names. "text_encoder" is the model's text side: SDXL's pair of encoders (and their
 # tokenizers), which only work together (the UNet's context is both encoders' states side by side).
 COMPONENTS = ("unet", "vae", "text_encoder")

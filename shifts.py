@@ -1,12 +1,14 @@
 """Shift files: the δ of a trained model on disk, keyed by the weights' original checkpoint names; reading them
 back (checked against the base model's fingerprint), combining them (Eq. 4-5, style mixing), applying them for
-sampling, and exporting them as a LoRA or a merged checkpoint that any Stable Diffusion tool loads.
+sampling, and exporting them as a LoRA or a merged checkpoint that any Stable Diffusion tool loads. Shift files of
+svdiff-pytorch (spectral_shifts.safetensors) are applied as that implementation computes them, or converted.
 
     python shifts.py info runs/sks/shifts.safetensors
     python shifts.py combine dog.safetensors:0.7 cat.safetensors:0.3 --out mix.safetensors
     python shifts.py combine geometry.safetensors appearance.safetensors --mix output_blocks.0-5 --out style.safetensors
     python shifts.py export-lora runs/sks/shifts.safetensors --model v1-5.safetensors --rank 8 --out sks_lora.safetensors
     python shifts.py export-merged runs/sks/shifts.safetensors --model v1-5.safetensors --out v1-5-sks.safetensors
+    python shifts.py convert spectral_shifts.safetensors --model v1-5.safetensors --out sks.safetensors
 """
 import argparse
 import os
@@ -16,10 +18,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import sd
 from svdiff import (SpectralShift, add_spectral_shifts, atomic_write, bake, combine, fingerprint, merge,
-                    shiftable_modules, shifts)
+                    shiftable_modules, shifts, svd)
 
 FORMAT = "svdiff-shifts"
 VERSION = "1"
@@ -29,12 +32,12 @@ VERSION = "1"
 # Shift files: one 1-D δ per shifted weight, keyed by its ORIGINAL checkpoint name
 
 
-def save_shift_file(model, path, half=False, subset="all", rank=None, step=None):
-    """δ of every shifted layer, keyed by the weight's ORIGINAL single-file checkpoint name. `step`: the training
-    step the δ belong to (train.py's resume checks it against resume.pt)."""
+def save_shift_file(model, path, half=False, subset="all", rank=None, step=None, deltas=None):
+    """δ of every shifted layer (or `deltas`, δ by key), keyed by the weight's ORIGINAL single-file checkpoint name.
+    `step`: the training step the δ belong to (train.py's resume checks it against resume.pt)."""
     from safetensors.torch import save_file
-    tensors = {k: m.delta.detach().to(torch.float16 if half else torch.float32).cpu().contiguous()
-               for k, m in shifts(model)}
+    deltas = {k: m.delta for k, m in shifts(model)} if deltas is None else deltas
+    tensors = {k: d.detach().to(torch.float16 if half else torch.float32).cpu().contiguous() for k, d in deltas.items()}
     meta = {"format": FORMAT, "version": VERSION, "family": model.family, "subset": str(subset),
             "rank": str(rank or ""), "fingerprint": fingerprint(model),
             "base_model": model.source}  # sample.py / edit.py load it when --model is not given
@@ -54,6 +57,17 @@ def read_shift_file(path):
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:
         raise ValueError(f"{path}: not a readable .safetensors shift file ({e})") from None
+
+
+def file_format(path, tensors) -> str:
+    """FORMAT (ours: the weights' original checkpoint names) or "svdiff-pytorch" (module paths + ".delta")."""
+    keys = list(tensors)
+    if keys and all(k.startswith((sd.UNET_PREFIX, *sd.TEXT_PREFIXES)) for k in keys):
+        return FORMAT
+    if keys and all(k.endswith(".delta") for k in keys):
+        return "svdiff-pytorch"
+    raise ValueError(f"{path}: keys of neither an svdiff shift file (model.diffusion_model.….weight) nor an "
+                     f"svdiff-pytorch one (down_blocks.….delta), e.g. {keys[0] if keys else 'no tensors at all'!r}")
 
 
 FORCE_HINT = "pass the base model it was trained on as --model, or --force to apply it anyway"
@@ -111,6 +125,10 @@ def combine_files(specs, mix=None):
     style mixing), the keys in those layer ranges come from the second file and all others from the first.
     Returns (δ by key, metadata of the first file)."""
     read = [(parse_spec(s), read_shift_file(parse_spec(s)[0])) for s in specs]
+    for (path, _), (tensors, _) in read:
+        if file_format(path, tensors) != FORMAT:
+            raise ValueError(f"{path} is an svdiff-pytorch file; convert it first: python shifts.py convert {path} "
+                             "--model BASE --out ours.safetensors")
     (first_path, _), (_, first_meta) = read[0]
     for (path, _), (_, meta) in read[1:]:
         for field in ("family", "fingerprint"):
@@ -130,16 +148,135 @@ def combine_files(specs, mix=None):
     return combined, first_meta
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# svdiff-pytorch files (mkshing/svdiff-pytorch, its Colab and its Space): spectral_shifts.safetensors for the UNet
+# and, with the text encoder, spectral_shifts_te.safetensors; fp32, no metadata, one δ per module keyed by the
+# diffusers / transformers module path + ".delta". Its layers compute W' = U diag(ReLU(σ + s·δ)) Vᵀ (σ descending,
+# s its inference scale) of the same matrices as ours, and shift a norm's γ as the 1 x C matrix it is: ONE δ,
+# W' = ReLU(‖γ‖ + s·δ)·γ/‖γ‖. Versions 0.1.x shifted neither norms nor the text encoder.
+
+
+def svdiff_pytorch_te_file(path):
+    """The text-encoder file svdiff-pytorch writes beside its UNet file (spectral_shifts_te.safetensors), if any."""
+    path = Path(path)
+    te = path.with_name(path.stem + "_te" + path.suffix)
+    return te if te.is_file() else None
+
+
+def read_svdiff_pytorch(path, te_path=None) -> dict:
+    """δ by svdiff-pytorch key: the UNet file, and its text-encoder file (`te_path`, else the one beside it)."""
+    tensors, _ = read_shift_file(path)
+    if file_format(path, tensors) != "svdiff-pytorch":
+        raise ValueError(f"{path} is already an svdiff shift file, not an svdiff-pytorch one")
+    if all(k.startswith("text_model.") for k in tensors):
+        raise ValueError(f"{path} holds only svdiff-pytorch text-encoder shifts (its spectral_shifts_te.safetensors); "
+                         "pass its UNet file, spectral_shifts.safetensors: the _te file beside it is read with it")
+    te_path = te_path or svdiff_pytorch_te_file(path)
+    if te_path:
+        te, _ = read_shift_file(te_path)
+        if file_format(te_path, te) != "svdiff-pytorch" or not all(k.startswith("text_model.") for k in te):
+            raise ValueError(f"{te_path}: not an svdiff-pytorch text-encoder file (keys text_model.….delta)")
+        tensors |= te
+    return tensors
+
+
+def svdiff_pytorch_target(model, key: str, path):
+    """svdiff-pytorch key -> (our original checkpoint key, block). SD2's text q/k/v are separate matrices in
+    transformers and blocks 0/1/2 (rows) of OpenCLIP's fused in_proj in ours; every other layer is the same matrix."""
+    import clip_text
+    import unet as unet_lib
+    name = key.removesuffix(".delta") + ".weight"
+    try:
+        if not name.startswith("text_model."):
+            return sd.checkpoint_key("unet", unet_lib.diffusers_to_original(name, model.unet.cfg), model.family), None
+        ours = clip_text.diffusers_to_original(name, model.text_encoder.cfg)
+        if ours is None:
+            raise ValueError("not a layer SD runs")
+    except ValueError:
+        raise ValueError(f"{path}: {key} is not a layer of this {model.family} model; "
+                         "is the file for another architecture?") from None
+    m = re.search(r"\.attn\.([qkv])_proj\.weight$", ours)
+    if m:
+        fused = ours[:m.start()] + ".attn.in_proj.weight"
+        return sd.checkpoint_key("text_encoder", fused, model.family), "qkv".index(m[1])
+    return sd.checkpoint_key("text_encoder", ours, model.family), None
+
+
+def svdiff_pytorch_weight(W, delta):
+    """svdiff-pytorch's forward, W' = U diag(ReLU(σ + δ)) Vᵀ (δ with its scale in), on the matrix it takes: a Linear or
+    Embedding weight as is, a conv kernel as c_out x c_in·kh·kw, a norm's γ as 1 x C (σ = ‖γ‖). Same shape and dtype."""
+    M = W.reshape(1, -1) if W.ndim == 1 else W.flatten(1)
+    U, S, V = svd(M)
+    return ((U * F.relu(S + delta.to(S))) @ V.T).reshape(W.shape).to(W.dtype)
+
+
+def from_svdiff_pytorch(model, deltas: dict, path):
+    """svdiff-pytorch δ (Σ sᵢδᵢ already) -> (our δ by key, {(key, block): δ} set apart). A matrix's δ carries over one
+    to one (the same matrix, the same descending σ); a norm's one number becomes our full-length γ shift W'(γ) - γ,
+    exact; SD2's text q/k/v blocks cannot: the fused matrix's singular values are not theirs."""
+    modules = {_key(model, c, n): m for c, n, m in shiftable_modules(model)}
+    ours, apart = {}, {}
+    for k, d in deltas.items():
+        key, block = svdiff_pytorch_target(model, k, path)
+        if key not in modules:
+            raise ValueError(f"{path}: {k} is not a layer of this {model.family} model; is the file for another "
+                             "architecture?")
+        W = modules[key].weight if block is None else modules[key].weight.chunk(3)[block]
+        length = 1 if W.ndim == 1 else min(W.shape[0], W[0].numel())
+        if d.shape != (length,):
+            raise ValueError(f"{path}: {k} holds {d.numel()} values, this {model.family} model's layer takes "
+                             f"{length}; is the file for another architecture?")
+        if block is not None:
+            apart[key, block] = d
+        elif W.ndim == 1:
+            ours[key] = (svdiff_pytorch_weight(W.detach().float(), d) - W.detach().float()).cpu()
+        else:
+            ours[key] = d.float().cpu()
+    return ours, apart
+
+
+def _key(model, component, name):
+    return sd.checkpoint_key(component, name + ".weight", model.family)
+
+
 def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=None):
     """sample.py --shifts A.safetensors[:s] B.safetensors[:s]: ReLU(σ + Σ sᵢδᵢ) (Eq. 4-5), merged once so that
-    sampling costs what the base model costs. `cache`: the SVD cache file of add_spectral_shifts."""
-    combined, meta = combine_files(specs, mix)
-    check_shift_file(model, specs[0], meta, force)
+    sampling costs what the base model costs. `cache`: the SVD cache file of add_spectral_shifts. svdiff-pytorch
+    files are summed in their own δ (Σ sᵢδᵢ, as their scale works) and carried over into ours; SD2's text q/k/v,
+    which they shift as three matrices and we hold as one, are then set to their W' directly (merged only)."""
+    ours, theirs = [], {}
+    for spec in specs:
+        path, scale = parse_spec(spec)
+        if file_format(path, read_shift_file(path)[0]) == FORMAT:
+            ours.append(spec)
+            continue
+        for k, d in read_svdiff_pytorch(path).items():
+            theirs[k] = theirs.get(k, 0) + scale * d.float()
+    combined, apart = {}, {}
+    if ours:
+        combined, meta = combine_files(ours, mix)
+        check_shift_file(model, ours[0], meta, force)
+    if theirs:
+        if mix is not None:
+            raise ValueError("style mixing takes svdiff shift files; convert svdiff-pytorch files first "
+                             "(shifts.py convert)")
+        converted, apart = from_svdiff_pytorch(model, theirs, " + ".join(specs))
+        warnings.warn("svdiff-pytorch files hold no base-model fingerprint: only their layers' shapes were checked")
+        for k, d in converted.items():
+            combined[k] = combined[k] + d if k in combined else d
+    if apart and not merged:
+        raise ValueError("SD2's text-encoder q/k/v of an svdiff-pytorch file are exact only applied for sampling "
+                         "(--shifts); to export, convert the file first (shifts.py convert), which leaves them out")
+    clash = {k for k, _ in apart} & set(combined)
+    if clash:
+        raise ValueError(f"{sorted(clash)[0]}: shifted by an svdiff shift file and, as q/k/v, by an svdiff-pytorch "
+                         "file; the two cannot be combined on this layer")
     known = {_key(model, component, name) for component, name, _ in shiftable_modules(model)}
     for k in combined:
         if k not in known:
             raise ValueError(f"key {k} of the shift files is not a weight of this model")
-    add_spectral_shifts(model, keys=set(combined), cache=cache, progress=True)
+    if combined:
+        add_spectral_shifts(model, keys=set(combined), cache=cache, progress=True)
     layers = dict(shifts(model))
     for k, d in combined.items():
         if d.shape != layers[k].delta.shape:
@@ -148,10 +285,11 @@ def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=No
             layers[k].delta.copy_(d)
     if merged:
         bake(model)
-
-
-def _key(model, component, name):
-    return sd.checkpoint_key(component, name + ".weight", model.family)
+    modules = {_key(model, c, n): m for c, n, m in shiftable_modules(model)}
+    with torch.no_grad():
+        for (k, block), d in apart.items():
+            rows = modules[k].weight.chunk(3)[block]
+            rows.copy_(svdiff_pytorch_weight(rows, d))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,10 +319,16 @@ def lora_names(model, component, name):
 
 
 def export_lora(model, path, rank=4, dtype=torch.float16):
-    """Write the shifts as a rank-`rank` LoRA that AUTOMATIC1111 / ComfyUI / kohya load (alpha = rank, so scale 1).
-    Prints each layer's relative error; γ and embedding shifts cannot be expressed as a LoRA and are skipped."""
+    """Write the shifts as a rank-`rank` LoRA that diffusers / AUTOMATIC1111 / ComfyUI / kohya load. Prints each
+    layer's relative error; γ and embedding shifts cannot be expressed as a LoRA and are skipped.
+
+    Every layer is written at ONE rank K (the largest min(rank, rank of the layer)) with ONE alpha = K, so each
+    loader's scale alpha/r is 1 however it collects them: diffusers names the alphas of kohya attention layers after
+    its old `processor.to_q_lora` modules, peft matches none of them, and those layers get the MOST COMMON alpha
+    over their own rank (measured: ×0.5 and ×2 on files whose layers had different ranks). A layer of lower rank is
+    padded with zero rows of `down` and zero columns of `up`: the product, and so ΔW, is unchanged."""
     from safetensors.torch import save_file
-    tensors, errors, skipped = {}, [], []
+    factors, errors, skipped = [], [], []
     for component in ("unet", "text_encoder"):
         root = getattr(model, component)
         for name, layer in root.named_modules():
@@ -195,28 +339,31 @@ def export_lora(model, path, rank=4, dtype=torch.float16):
                 continue
             up, down, err = lora_factors(layer, rank)
             errors.append((f"{component}.{name}", err, layer.delta_sigma().detach().double().square().sum()))
-            k = up.shape[1]
-            if layer.kind == "conv":
-                w = layer.base.weight
-                down = down.reshape(k, *w.shape[1:])
-                up = up[:, :, None, None]
-            names = lora_names(model, component, name)
-            rows = up.shape[0] // len(names)  # SD2's fused q/k/v: one LoRA per projection, sharing `down`
-            for i, lname in enumerate(names):
-                tensors[lname + ".lora_up.weight"] = up[i * rows:(i + 1) * rows].to(dtype).contiguous()
-                tensors[lname + ".lora_down.weight"] = down.to(dtype).contiguous()
-                tensors[lname + ".alpha"] = torch.tensor(float(k), dtype=dtype)
+            factors.append((component, name, layer, up, down))
+    K = max((up.shape[1] for *_, up, _ in factors), default=rank)
+    tensors = {}
+    for component, name, layer, up, down in factors:
+        up, down = F.pad(up, (0, K - up.shape[1])), F.pad(down, (0, 0, 0, K - down.shape[0]))
+        if layer.kind == "conv":
+            down = down.reshape(K, *layer.base.weight.shape[1:])
+            up = up[:, :, None, None]
+        names = lora_names(model, component, name)
+        rows = up.shape[0] // len(names)  # SD2's fused q/k/v: one LoRA per projection, sharing `down`
+        for i, lname in enumerate(names):
+            tensors[lname + ".lora_up.weight"] = up[i * rows:(i + 1) * rows].to(dtype).contiguous()
+            tensors[lname + ".lora_down.weight"] = down.to(dtype).contiguous()
+            tensors[lname + ".alpha"] = torch.tensor(float(K), dtype=dtype)
     for name, err, _ in errors:
         print(f"{name}: relative error {err:.4f}")
     num = sum(e ** 2 * t for _, e, t in errors)
     den = sum(t for _, _, t in errors)
     total = (num / den).sqrt().item() if den > 0 else 0.0
-    print(f"total relative error of ΔW (rank {rank}): {total:.4f} over {len(errors)} layers")
+    print(f"total relative error of ΔW (rank {rank}): {total:.4f} over {len(errors)} layers, written at rank {K}")
     if skipped:
         print(f"warning: {len(skipped)} shifted layers (norm γ, embeddings, rank-limited) cannot be expressed in a "
               "LoRA and were left out", file=sys.stderr)
-    atomic_write(lambda p: save_file(tensors, str(p), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-                                                            "ss_network_module": "networks.lora"}), Path(path))
+    meta = {"ss_network_dim": str(K), "ss_network_alpha": str(K), "ss_network_module": "networks.lora"}
+    atomic_write(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
     return total
 
 
@@ -239,7 +386,7 @@ def export_merged(model, source, path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line: info, combine, export-lora, export-merged
+# Command line: info, combine, export-lora, export-merged, convert
 
 
 def main(argv=None):
@@ -260,13 +407,22 @@ def main(argv=None):
                            ("export-merged", "a single-file checkpoint with the shifts baked in")):
         e = sub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         e.add_argument("shifts", metavar="FILE[:SCALE]", nargs="+")
-        e.add_argument("--model", required=True, help="the base model the shifts were trained on (single file, "
-                       "diffusers folder or Hub id owner/name[@revision])")
+        e.add_argument("--model", default=None, help="the base model the shifts were trained on: a single file"
+                       + (", diffusers folder or Hub id owner/name[@revision]" if name == "export-lora" else "")
+                       + " (default: the base model the first shift file records)")
         e.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: shipped)")
         e.add_argument("--force", action="store_true", help="apply even if the base-model fingerprint differs")
         e.add_argument("--out", required=True)
         if name == "export-lora":
             e.add_argument("--rank", type=int, default=4)
+    conv = sub.add_parser("convert", help="an svdiff-pytorch spectral_shifts.safetensors (and its _te file) in our "
+                                          "format", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    conv.add_argument("file", help="svdiff-pytorch's spectral_shifts.safetensors")
+    conv.add_argument("te_file", nargs="?", default=None,
+                      help="its spectral_shifts_te.safetensors (default: the one beside FILE, if any)")
+    conv.add_argument("--model", required=True, help="the base model the shifts were trained on")
+    conv.add_argument("--vocab", default=None, help="CLIP BPE vocabulary (single-file models)")
+    conv.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
     if a.command == "info":
@@ -275,6 +431,8 @@ def main(argv=None):
         print(f"{a.file}: {len(tensors)} shifted weights, {floats:,} values, {os.path.getsize(a.file):,} bytes")
         for k, v in sorted(meta.items()):
             print(f"  {k}: {v}")
+        if file_format(a.file, tensors) != FORMAT:
+            print("  svdiff-pytorch file: apply it with --shifts, or write it in our format with shifts.py convert")
         # per component, by the original prefixes of every family (SDXL: unet, text_encoder, text_encoder_2)
         prefixes = [("unet", sd.UNET_PREFIX)] + [(c, p) for family in sd.TEXT_ENCODERS.values()
                                                  for c, (p, _) in family.items()]
@@ -284,9 +442,10 @@ def main(argv=None):
                 print(f"  {component} ({prefix}*): {len(part)} weights, {sum(t.numel() for t in part):,} values, "
                       f"|δ| mean {torch.cat([t.float().abs() for t in part]).mean():.4g}")
         return
+    for path, _ in map(parse_spec, a.files if a.command == "combine" else getattr(a, "shifts", [])):
+        if not path.is_file():  # before loading a model
+            raise FileNotFoundError(f"{path}: no such shift file")
     if a.command == "combine":
-        for spec in a.files:
-            parse_spec(spec)
         combined, meta = combine_files(a.files, a.mix)
         meta = dict(meta, subset=f"combined({', '.join(a.files)})")
         from safetensors.torch import save_file
@@ -296,10 +455,22 @@ def main(argv=None):
         return
     if a.command == "export-lora" and a.rank < 1:
         raise ValueError("--rank must be at least 1")
+    if a.command != "convert":
+        a.model = sd.choose_model(a.model, parse_spec(a.shifts[0])[0])
     if a.command == "export-merged" and not Path(a.model).is_file():
         raise ValueError(f"--model {a.model} is not a single-file checkpoint; export-merged rewrites one (.safetensors/"
                          ".ckpt), not a diffusers folder or Hub id")
+    theirs = read_svdiff_pytorch(a.file, a.te_file) if a.command == "convert" else None  # before loading a model
     model = sd.load(a.model, vocab=a.vocab, components=("unet", "text_encoder"))
+    if a.command == "convert":
+        ours, apart = from_svdiff_pytorch(model, theirs, a.file)
+        save_shift_file(model, a.out, subset="svdiff-pytorch", deltas=ours)
+        print(f"wrote {a.out}: {len(ours)} shifted weights")
+        if apart:
+            print(f"warning: {len(apart)} layers of {a.file} were left out: SD2's text-encoder q/k/v projections, "
+                  "one fused matrix (in_proj) in our format whose singular values are not the three of svdiff-pytorch; "
+                  f"apply {a.file} itself with --shifts to keep them exact", file=sys.stderr)
+        return
     apply_shift_files(model, a.shifts, force=a.force, merged=False)
     if a.command == "export-lora":
         export_lora(model, a.out, a.rank)

@@ -100,3 +100,66 @@ def test_cli_errors_are_one_line(trained, tmp_path):
     assert r.returncode == 1 and "no such shift file" in r.stderr and "Traceback" not in r.stderr
     r = cli("export-merged", path, "--model", tmp_path, "--out", tmp_path / "m.safetensors")
     assert r.returncode == 1 and "folder" in r.stderr and not (tmp_path / "m.safetensors").exists()
+    # a missing shift file is named (its :SCALE parsed off) before any model is loaded
+    r = cli("export-lora", tmp_path / "nope.safetensors:0.5", "--model", tmp_path / "no-model.safetensors",
+            "--out", tmp_path / "l.safetensors")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: no such shift file"
+
+
+def test_cli_export_lora_writes_the_scaled_rank_k_truncation_and_counts_what_it_leaves_out(trained, tmp_path,
+                                                                                           bpe_vocab):
+    model, base, path = trained
+    out = tmp_path / "lora.safetensors"
+    r = cli("export-lora", f"{path}:0.5", "--model", base, "--vocab", bpe_vocab, "--rank", 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    left_out = sum(m.kind in ("norm", "embedding") for _, m in svdiff.shifts(model))
+    assert left_out > 0 and f"warning: {left_out} shifted layers (norm γ, embeddings" in r.stderr
+    assert "total relative error" in r.stdout and f"wrote {out}" in r.stdout
+    lora = load_file(str(out))
+    assert all(t.dtype == torch.float16 for t in lora.values())
+    with torch.no_grad():
+        for _, m in svdiff.shifts(model):
+            m.delta.mul_(0.5)
+    checked = set()
+    for component in ("unet", "text_encoder"):
+        for name, layer in getattr(model, component).named_modules():
+            if isinstance(layer, svdiff.SpectralShift) and layer.kind in ("linear", "conv"):
+                U, S, Vh = torch.linalg.svd(layer.delta_weight().detach().double().flatten(1), full_matrices=False)
+                best = (U[:, :3] * S[:3]) @ Vh[:3]
+                names = shifts.lora_names(model, component, name)
+                ours = torch.cat([lora[n + ".lora_up.weight"].double().flatten(1) for n in names]) @ \
+                    lora[names[0] + ".lora_down.weight"].double().flatten(1)
+                assert (ours - best).abs().max() <= 5e-3 * best.abs().max(), name
+                checked |= set(names)
+    assert checked == {n.split(".")[0] for n in lora}
+
+
+def test_cli_export_merged_keeps_an_fp16_checkpoint_fp16_with_the_shifts_baked_in(tmp_path, bpe_vocab):
+    base = tmp_path / "base16.safetensors"
+    tiny.write_single_file(base, "sd1", dtype=torch.float16)
+    model = sd.load(base, vocab=bpe_vocab)
+    svdiff.add_spectral_shifts(model, progress=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in svdiff.shifts(model):
+            m.delta.copy_(torch.randn(m.delta.shape, generator=g) * (0.05 if m.kind == "norm" else m.sigma.mean()))
+    shifts.save_shift_file(model, tmp_path / "shifts.safetensors")
+    out = tmp_path / "merged.safetensors"
+    r = cli("export-merged", tmp_path / "shifts.safetensors", "--model", base, "--vocab", bpe_vocab, "--out", out)
+    assert r.returncode == 0, r.stderr
+    before, after = load_file(str(base)), load_file(str(out))
+    assert set(before) == set(after) and all(after[k].dtype == before[k].dtype for k in before)
+    assert any(t.dtype == torch.float16 for t in after.values())
+    deltas = load_file(str(tmp_path / "shifts.safetensors"))
+    for k, t in before.items():
+        if k not in deltas:
+            assert torch.equal(after[k], t), k
+            continue
+        # W_δ = U diag(ReLU(σ + δ)) Vᵀ (γ + δ for norms) from the fp16 weights, in float64, then rounded to fp16
+        W, d = t.double(), deltas[k].double()
+        if W.ndim == 1:
+            expected = W + d
+        else:
+            U, S, Vh = torch.linalg.svd(W.flatten(1), full_matrices=False)
+            expected = ((U * torch.relu(S + d)) @ Vh).reshape(W.shape)
+        assert (after[k].double() - expected).abs().max() <= 1e-3 * expected.abs().max(), k

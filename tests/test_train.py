@@ -146,7 +146,7 @@ def test_resumed_run_ends_bit_exact_as_the_uninterrupted_run_from_the_fp32_delta
 
 
 def test_resume_refuses_a_shift_file_of_another_step(setup):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     out = setup / "mismatched"
     assert run(*common(setup, out, 4, "--save-every", 2)).returncode == 0
     tensors, meta = shifts.read_shift_file(out / "shifts.safetensors")
