@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=512, help="shorter side resized to this, centre crop")
     # hardware and outputs
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--dtype", choices=list(train.DTYPES), default=None,
+    p.add_argument("--dtype", choices=list(sd.DTYPES), default=None,
                    help="weights and autocast on CUDA (default bf16 where supported, else fp16); CPU runs fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations (less memory)")
     p.add_argument("--out", default=None, help="output folder (default edits/{image stem})")

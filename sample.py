@@ -11,8 +11,6 @@ records, else $SVDIFF_MODEL, else SD1.5 from the Hugging Face Hub.
 """
 import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
 
@@ -20,9 +18,6 @@ import torch
 
 import sd
 import shifts
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -59,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=list(sd.DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--out", default=None, help="output folder (default: a new numbered folder under out/, never "
                    "one an earlier run wrote)")
     return p.parse_args(argv)
@@ -84,7 +79,7 @@ def check_args(a):
     for spec in a.shifts:
         if not shifts.parse_spec(spec)[0].is_file():
             raise ValueError(f"--shifts {spec}: no such file; pass the shifts.safetensors of a train.py run")
-    check_writable(Path(a.out or "out"), "--out")
+    sd.check_writable(Path(a.out or "out"), "--out")
 
 
 def resolve_sizes(a, model):
@@ -104,17 +99,6 @@ def resolve_sizes(a, model):
         a.target_size = a.target_size or [a.height, a.width]
 
 
-def check_writable(out: Path, flag: str):
-    """--out must be creatable/writable, checked without creating anything (nothing is written on bad input)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {out} is a file, not a folder; choose a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {out} is not writable; choose another folder")
-
-
 def new_folder(root: Path) -> Path:
     """The next numbered folder under `root` (000, 001, ...), created here so that no other run takes it."""
     root.mkdir(parents=True, exist_ok=True)
@@ -127,18 +111,6 @@ def new_folder(root: Path) -> Path:
             n += 1
 
 
-def grid(images):
-    """One PIL image with the samples in a near-square grid."""
-    from PIL import Image
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    g = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        g.paste(im, ((i % cols) * w, (i // cols) * h))
-    return g
-
-
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
@@ -146,7 +118,7 @@ def main(argv=None):
     a.dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     a.batch_size = a.batch_size or a.num_images
     a.model = sd.choose_model(a.model, shifts.parse_spec(a.shifts[0])[0] if a.shifts else None)
-    model = sd.load(a.model, device=a.device, dtype=DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
+    model = sd.load(a.model, device=a.device, dtype=sd.DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
     a.prediction_type = model.prediction_type
     resolve_sizes(a, model)
     if a.shifts:
@@ -166,7 +138,7 @@ def main(argv=None):
     a.out = str(out)
     for i, im in enumerate(images):
         im.save(out / f"{i:03d}.png")
-    grid(images).save(out / "grid.png")
+    sd.grid(images).save(out / "grid.png")
     (out / "sample_config.json").write_text(json.dumps(vars(a), indent=2))
     print(f"wrote {len(images)} images and grid.png to {out}")
 

@@ -13,6 +13,7 @@ resolved to a layout-(b) folder in the Hub cache that diffusers and transformers
 """
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -42,6 +43,7 @@ TEXT_ENCODERS = {"sd1": {"text_encoder": ("cond_stage_model.transformer.", "sd1"
 TEXT_PREFIXES = tuple(prefix for family in TEXT_ENCODERS.values() for prefix, _ in family.values())  # all of them
 # What `load(components=)` names. "text_encoder" is the model's text side: SDXL's pair of encoders (and their
 # tokenizers), which only work together (the UNet's context is both encoders' states side by side).
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the scripts' --dtype
 COMPONENTS = ("unet", "vae", "text_encoder")
 # The modules that shift files hold δ for and that the fingerprint covers (svdiff.shiftable_modules, shifts,
 # fingerprint); text_encoder_2 is None but for SDXL.
@@ -649,3 +651,26 @@ def to_pil(images: torch.Tensor):
     from PIL import Image
     arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arr]
+
+
+def grid(images):
+    """One PIL image with the samples in a near-square grid."""
+    from PIL import Image
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    g = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        g.paste(im, ((i % cols) * w, (i // cols) * h))
+    return g
+
+
+def check_writable(out: Path, flag: str):
+    """--out must be creatable/writable, checked without creating anything (nothing is written on bad input)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file, not a folder; choose a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out} is not writable; choose another folder")

@@ -27,10 +27,8 @@ import ddim
 import sd
 import shifts
 import svdiff
-from sample import check_writable, grid
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -77,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     # hardware
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--dtype", choices=list(sd.DTYPES), default=None,
                    help="autocast dtype on CUDA (default bf16 where supported, else fp16); CPU runs fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations (less memory)")
     # outputs
@@ -194,7 +192,7 @@ def check_args(a):
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
     out = Path(a.out)
-    check_writable(out, "--out")
+    sd.check_writable(out, "--out")
     if a.resume and a.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; choose one")
     if a.resume and not (out / "resume.pt").is_file():
@@ -256,7 +254,7 @@ def resolve(a):
 
 def weight_dtype(a):
     """The frozen weights' dtype: the autocast dtype on CUDA (half the memory), fp32 on CPU."""
-    return DTYPES[a.dtype] if a.device.startswith("cuda") else torch.float32
+    return sd.DTYPES[a.dtype] if a.device.startswith("cuda") else torch.float32
 
 
 def train(a, instances=None):
@@ -267,7 +265,7 @@ def train(a, instances=None):
     tokens = a.token or [None]  # no token: the prompts have no {token} (resolve checked)
     out = Path(a.out)
     cuda = a.device.startswith("cuda")
-    autocast_dtype = DTYPES[a.dtype] if cuda else None
+    autocast_dtype = sd.DTYPES[a.dtype] if cuda else None
 
     instances = instances or [load_image_folder(p, a.resolution) for p in subjects]
     # Frozen weights in the autocast dtype (half the memory); the shifts and AdamW stay fp32 (svdiff keeps δ fp32).
@@ -362,7 +360,7 @@ def train(a, instances=None):
                                       progress=False)
         model.unet.train(), model.text_encoder.train()
         (out / "samples").mkdir(exist_ok=True)
-        svdiff.atomic_write(lambda p: grid(sd.to_pil(images)).save(p, format="PNG"),
+        svdiff.atomic_write(lambda p: sd.grid(sd.to_pil(images)).save(p, format="PNG"),
                             out / "samples" / f"step_{step:05d}.png")
 
     model.unet.train()
