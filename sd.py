@@ -11,13 +11,9 @@ short `diffusers_to_original` rename rule. Weights stream tensor by tensor into 
 device, so the process never holds two copies of the model. A Hugging Face Hub id (`owner/name[@revision]`) is
 resolved to a layout-(b) folder in the Hub cache that diffusers and transformers share (hub.py).
 """
-import hashlib
 import json
 import math
 import os
-import pickle
-import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+import checkpoint
 import clip_text
 import ddim
 import hub
@@ -90,119 +87,6 @@ def split_checkpoint_key(key: str, family: str) -> tuple[str, str] | None:
         if key.startswith(prefix):
             return component, clip_text.original_to_module_key(key[len(prefix):], names)
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The identity of the weights (svdiff.fingerprint): digests of the weights as stored, rounded to fp16
-
-
-def tensor_digests(module_key: str, t: torch.Tensor) -> dict[str, str]:
-    """{name: SHA-256} of one weight, rounded to fp16 (round to nearest even, as `.half()` does). Published SD weights
-    are fp32, or fp16 rounded from them the same way, and fp16(fp16(x)) = fp16(x): both files digest alike, while a
-    change of any weight by more than fp16's rounding changes the digest. A fused q/k/v projection (OpenCLIP's
-    `attn.in_proj`) is digested as its three row blocks under the q_proj/k_proj/v_proj names that a diffusers folder
-    stores them under, so the two layouts agree; so is SDXL bigG's projection, a Linear weight [proj, width] in a
-    folder (`text_projection.weight`), digested as the file's [width, proj] matrix."""
-    if module_key == "text_projection.weight":
-        return tensor_digests("text_projection", t.T)
-    if ".attn.in_proj." in module_key:
-        return {k: v for name, part in zip("qkv", t.chunk(3)) for k, v in
-                tensor_digests(module_key.replace(".in_proj.", f".{name}_proj."), part).items()}
-    half = t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype).contiguous()
-    return {module_key: hashlib.sha256(half.reshape(-1).view(torch.uint8).numpy()).hexdigest()}
-
-
-def weights_digest(digests: dict[str, str]) -> str:
-    """One component's digest from its tensors' (in name order, so the file's tensor order does not matter)."""
-    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(digests.items())).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading tensors, one at a time
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: file is empty or truncated, not a .safetensors checkpoint; download it again")
-        n = int.from_bytes(head, "little")
-        if n > 100_000_000 or n > path.stat().st_size - 8:
-            raise ValueError(f"{path}: corrupt .safetensors header; download the file again")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ValueError(f"{path}: corrupt .safetensors header; download the file again") from None
-    end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
-    if 8 + n + end > path.stat().st_size:
-        raise ValueError(f"{path}: file is truncated ({path.stat().st_size} bytes, needs {8 + n + end}); "
-                         "download it again")
-    return header
-
-
-def _torch_load(path: Path) -> dict:
-    # weights_only=True: a .ckpt/.bin is a pickle, and unpickling arbitrary code from a download is not safe.
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # old (non-zip) serialization cannot be memory-mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any object but tensors, containers, numbers and strings (a damaged pickle may
-        # also land here); torch's message is a page long, its reason one line
-        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(\. Please|$)", str(e), re.M)
-        raise ValueError(f"{path}: refused: it holds objects other than tensors, which only unpickling (running "
-                         f"code from the file) would load ({reason.group(1) if reason else 'not a weights file'}); "
-                         "use the .safetensors version of the model") from None
-    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, AssertionError, struct.error) as e:
-        # what torch.load raises for truncated or damaged files (zip reader, legacy reader, unpickler)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({reason}); is it truncated? Download "
-                         "it again, or use the .safetensors version") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # .ckpt: {"state_dict": ..., "global_step"}
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: holds no state dict")
-    return sd
-
-
-class TensorFile:
-    """Key -> shape without reading data, and tensors streamed one at a time, for .safetensors/.ckpt/.bin."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        if self.path.suffix == ".safetensors":
-            header = _safetensors_header(self.path)
-            self.metadata = header.pop("__metadata__", None) or {}
-            self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-            self._sd = None
-        elif self.path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
-            self._sd = _torch_load(self.path)
-            self.metadata = {}
-            self.shapes = {k: tuple(v.shape) for k, v in self._sd.items() if isinstance(v, torch.Tensor)}
-        else:
-            raise ValueError(f"{self.path}: unknown file type {self.path.suffix!r}; expected .safetensors or .ckpt")
-
-    def tensors(self, keys):
-        """Yield (key, tensor) for the given keys. safetensors are read with pread where the library has it, so
-        the pages of a memory map do not add the file's size to the process's resident memory."""
-        if self._sd is not None:
-            yield from ((k, self._sd[k]) for k in keys)
-            return
-        from safetensors import safe_open
-        try:
-            f = safe_open(self.path, framework="pt", backend="pread")
-        except TypeError:  # safetensors < 0.8 has only the mmap backend
-            f = safe_open(self.path, framework="pt")
-        try:
-            with f:
-                for k in keys:
-                    yield k, f.get_tensor(k)
-        except Exception as e:
-            if isinstance(e, ValueError) and str(e).startswith(str(self.path)):
-                raise
-            raise ValueError(f"{self.path}: tensor data cannot be read ({e}); the file is corrupt, "
-                             "download it again") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +197,7 @@ def _dtypes(configs: dict, dtype) -> dict:
 
 
 def _load_single_file(path: Path, device, dtype, components, vocab):
-    tf = TensorFile(path)
+    tf = checkpoint.TensorFile(path)
     keys = set(tf.shapes)
     if keys and all(len(s) == 1 for s in tf.shapes.values()):
         raise ValueError(f"{path}: this is a spectral-shift file (1-D tensors only), not a base model; "
@@ -359,7 +243,7 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
     for k, t in tf.tensors([k for k, _ in wanted]):
         comp, mkey = routes[k]
         if comp in digests:  # before the cast: the identity of the weights as stored (svdiff.fingerprint)
-            digests[comp].update(tensor_digests(mkey, t))
+            digests[comp].update(checkpoint.tensor_digests(mkey, t))
         state[comp][mkey] = _cast(t, device, dtypes[comp])
     del tf
 
@@ -376,7 +260,7 @@ def _load_single_file(path: Path, device, dtype, components, vocab):
             # of SD's tokenizers use it; they differ in the pad token only).
             tokenizers[_tokenizer_name(component)] = clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(vocab),
                                                                                clip_text.pad_id_for(names))
-    return modules, tokenizers, family, None, {c: weights_digest(d) for c, d in digests.items()}
+    return modules, tokenizers, family, None, {c: checkpoint.weights_digest(d) for c, d in digests.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,12 +282,12 @@ def _load_component_folder(folder: Path, stems: tuple[str, ...], rename, device,
     tensor_digests as stored."""
     state = {}
     for file in hub.weights_file(folder, stems, half=dtype in HALF):
-        tf = TensorFile(file)
+        tf = checkpoint.TensorFile(file)
         for k, t in tf.tensors(list(tf.shapes)):
             new = rename(k)
             if new is not None:
                 if digests is not None:
-                    digests.update(tensor_digests(new, t))
+                    digests.update(checkpoint.tensor_digests(new, t))
                 state[new] = _cast(t, device, dtype)
     return state
 
@@ -464,7 +348,7 @@ def _load_folder(path: Path, device, dtype, components):
     sched = path / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         prediction_type = json.loads(sched.read_text()).get("prediction_type")
-    return modules, tokenizers, family, prediction_type, {c: weights_digest(d) for c, d in digests.items()}
+    return modules, tokenizers, family, prediction_type, {c: checkpoint.weights_digest(d) for c, d in digests.items()}
 
 
 def choose_model(model=None, shift_file=None) -> str:
@@ -475,7 +359,7 @@ def choose_model(model=None, shift_file=None) -> str:
     recorded = None
     if shift_file and Path(shift_file).is_file():
         try:
-            recorded = TensorFile(Path(shift_file)).metadata.get("base_model")
+            recorded = checkpoint.TensorFile(Path(shift_file)).metadata.get("base_model")
         except (ValueError, OSError):
             pass  # not ours to judge here: reading the shifts later says what is wrong with the file
     for spec, why in ((recorded, f"the base model of {shift_file}"), (os.environ.get("SVDIFF_MODEL"), "$SVDIFF_MODEL"),

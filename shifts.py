@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import sd
 from svdiff import (SpectralShift, add_spectral_shifts, atomic_write, bake, combine, fingerprint, merge,
                     shiftable_modules, shifts, svd)
@@ -373,7 +374,7 @@ def export_merged(model, source, path):
     from safetensors.torch import save_file
     merge(model, keep_original=False)
     new = {k: m.base.weight for k, m in shifts(model)}
-    tf = sd.TensorFile(Path(source))
+    tf = checkpoint.TensorFile(Path(source))
     out = {}
     for k, t in tf.tensors(list(tf.shapes)):
         if k in new:

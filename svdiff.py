@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
+
 SUBSETS = ("all", "unet", "text", "cross-attn", "cross-attn-kv", "1d", "2d", "4d", "up", "down", "mid")
 MODES = ("auto", "dense", "factored", "naive")
 
@@ -515,7 +517,7 @@ def fingerprint(model) -> str:
     It must not depend on how the model was loaded — fp32, bf16 or fp16, single file or diffusers folder, CPU or
     CUDA — so that a file trained in bf16 applies to an fp16 load, yet it must change when any weight does (another
     fine-tune of the same architecture). So it is a digest of the weights AS STORED, each rounded to fp16
-    (`sd.tensor_digests`: published weights are fp32 or fp16 rounded from them, and both round to the same fp16
+    (`checkpoint.tensor_digests`: published weights are fp32 or fp16 rounded from them, and both round to the same fp16
     bits), computed by sd.load while it streams the files, before the cast: a bf16 load no longer holds the fp16
     values. A model built in memory (no digests from sd.load) is digested from its weights on first use. The
     identity is fixed from then on: it names the weights that were loaded, not later edits such as a merge. (A
@@ -529,8 +531,8 @@ def fingerprint(model) -> str:
                 if not name.endswith("delta"):
                     if p.is_meta:
                         raise ValueError(f"{component}.{name} was dropped before the model's fingerprint was taken")
-                    digests.update(sd.tensor_digests(name.replace("base.", ""), p))
-            model.digests[component] = sd.weights_digest(digests)
+                    digests.update(checkpoint.tensor_digests(name.replace("base.", ""), p))
+            model.digests[component] = checkpoint.weights_digest(digests)
     h = "".join(f"{c}:{model.digests[c]}\n" for c in sd.SHIFTED if getattr(model, c) is not None)
     return hashlib.sha256(h.encode()).hexdigest()[:16]
 
