@@ -309,14 +309,27 @@ def lora_factors(layer: SpectralShift, rank: int):
     return up, down, err
 
 
+# kohya's LoRA names (AUTOMATIC1111, ComfyUI and diffusers read them): a prefix + the module path the trainer saw,
+# dots -> '_'. For SD 1.x/2.x kohya trains diffusers' UNet and transformers' text encoder (`lora_unet_down_blocks_…`,
+# `lora_te_text_model_…`); for SDXL its own copy of the original UNet, whose names are the single file's and so ours
+# (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), and transformers' two encoders, `lora_te1_`
+# (ViT-L) and `lora_te2_` (bigG).
+LORA_TEXT_PREFIX = {"sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}  # SD 1.x/2.x: lora_te_
+LORA_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya's ss_base_model_version
+
+
 def lora_names(model, component, name):
-    """kohya's names: lora_unet_ + the diffusers module path, lora_te_ + the transformers one, dots -> '_'."""
+    """kohya's LoRA name(s) of one of our modules: one, or three for an OpenCLIP fused q/k/v (SD2, SDXL's bigG),
+    whose rows are transformers' q_proj, k_proj, v_proj."""
     import clip_text
     import unet as unet_lib
     if component == "unet":
-        return ["lora_unet_" + unet_lib.original_to_diffusers(name + ".weight", model.unet.cfg)[:-7].replace(".", "_")]
-    return ["lora_te_" + hf[:-7].replace(".", "_")
-            for hf in clip_text.module_to_hf(name + ".weight", model.text_encoder.cfg)]
+        path = name if model.family == "sdxl" else \
+            unet_lib.original_to_diffusers(name + ".weight", model.unet.cfg).removesuffix(".weight")
+        return ["lora_unet_" + path.replace(".", "_")]
+    prefix = LORA_TEXT_PREFIX.get(model.family, {}).get(component, "lora_te_")
+    return [prefix + hf.removesuffix(".weight").replace(".", "_")
+            for hf in clip_text.module_to_hf(name + ".weight", getattr(model, component).cfg)]
 
 
 def export_lora(model, path, rank=4, dtype=torch.float16):
@@ -330,9 +343,9 @@ def export_lora(model, path, rank=4, dtype=torch.float16):
     padded with zero rows of `down` and zero columns of `up`: the product, and so ΔW, is unchanged."""
     from safetensors.torch import save_file
     factors, errors, skipped = [], [], []
-    for component in ("unet", "text_encoder"):
+    for component in sd.SHIFTED:  # UNet and text encoder(s)
         root = getattr(model, component)
-        for name, layer in root.named_modules():
+        for name, layer in (root.named_modules() if root is not None else []):
             if not isinstance(layer, SpectralShift):
                 continue
             if layer.kind in ("norm", "embedding") or not layer.full_rank:
@@ -363,7 +376,10 @@ def export_lora(model, path, rank=4, dtype=torch.float16):
     if skipped:
         print(f"warning: {len(skipped)} shifted layers (norm γ, embeddings, rank-limited) cannot be expressed in a "
               "LoRA and were left out", file=sys.stderr)
-    meta = {"ss_network_dim": str(K), "ss_network_alpha": str(K), "ss_network_module": "networks.lora"}
+    # kohya's metadata; AUTOMATIC1111 files a LoRA under SDXL by ss_base_model_version "sdxl_…", under SD2 by
+    # ss_v2 "True", and under SD1 otherwise (its Lora tab hides those of the other kinds)
+    meta = {"ss_network_dim": str(K), "ss_network_alpha": str(K), "ss_network_module": "networks.lora",
+            "ss_base_model_version": LORA_BASE_MODEL_VERSION[model.family], "ss_v2": str(model.family == "sd2")}
     atomic_write(lambda p: save_file(tensors, str(p), metadata=meta), Path(path))
     return total
 
