@@ -1,21 +1,23 @@
-"""Speed, memory and size of SVDiff against the alternatives users would pick, on the full SD1.5 architecture.
+"""Speed, memory and size of SVDiff against the alternatives users would pick, on the full SD1.5 or SDXL architecture.
 
     python bench.py                                   # CPU, 256 px, 3 repetitions
     python bench.py --device cuda --resolution 512    # bf16 autocast, as train.py trains on a GPU
+    python bench.py --device cuda --arch sdxl --resolution 1024   # SDXL (a GPU only: 10 GB in fp32 for its UNet)
     python bench.py --tiny --steps 1                  # a tiny random model: checks bench.py itself in seconds
 
-The SD1.5 UNet and CLIP-L text encoder are built from their configurations with seeded random weights (no
-download; speed does not depend on the values). Every method trains the same model on the same batch (1 instance
-+ 1 prior image, Eq. 3) with the same AdamW:
-  svdiff   spectral shifts of the `all` layers (UNet and text encoder), each layer on its cheapest exact path
+The UNet and text encoder(s) (SD1.5: CLIP ViT-L; SDXL: ViT-L and OpenCLIP bigG) are built from their
+configurations with seeded random weights (no download; speed does not depend on the values). Every method trains
+the same model on the same batch (1 instance + 1 prior image, Eq. 3) with the same AdamW:
+  svdiff   spectral shifts of the `all` layers (UNet and text encoders), each layer on its cheapest exact path
   naive    the same shifts with W_δ = U diag(ReLU(σ+δ)) Vᵀ rebuilt every forward (the public implementation)
-  lora     rank-4 LoRA on the UNet attention projections q/k/v/out (diffusers' DreamBooth-LoRA default)
+  lora     rank-4 LoRA on the UNet attention projections q/k/v/out (diffusers' DreamBooth-LoRA default, SDXL's too)
   full     every UNet weight (DreamBooth; fp32 master weights under autocast on CUDA, as diffusers)
 Timings are noisy on a shared machine, so every result is a RATIO measured side by side in this one process:
 each pair of methods takes turns within every repetition, and the ratio is of the medians; the seconds are
 given for context. Peak memory is measured in a child process per method that runs only that method (CUDA:
-max allocated; CPU: peak RSS), beside a child that only builds the model. The last line printed is a one-line
-JSON summary; --json FILE writes every figure.
+max allocated; CPU: peak RSS), beside a child that only builds the model; another child trains as train.py does
+with --grad-checkpointing for --train-steps steps (seconds per step, peak memory). The last line printed is a
+one-line JSON summary; --json FILE writes every figure.
 """
 import argparse
 import gc
@@ -43,9 +45,12 @@ import unet as unet_lib
 LORA_RANK = 4
 LORA_TARGETS = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")  # diffusers' default target_modules
 METHODS = ("svdiff", "naive", "lora", "full")
-PARTS = ("svd", "files", "training", "sampling", "memory")
+PARTS = ("svd", "files", "training", "sampling", "memory", "checkpointing")
+ARCHS = ("sd15", "sdxl")
+PROMPTS = ["a photo of sks dog", "a photo of a dog"]  # the batch: one instance and one prior example
 SUMMARY_KEYS = ("fast_vs_naive", "fast_vs_full", "fast_vs_lora", "svd_seconds", "svd_cached_seconds", "svd_vs_lapack",
-                "merged_vs_base_sampling", "shift_file_bytes")
+                "merged_vs_base_sampling", "shift_file_bytes", "checkpointed_step_seconds", "checkpointed_peak_bytes")
+ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 # svd_vs_lapack times every 8th matrix of the `all` set: LAPACK's SVD of all 356 would take ~10 minutes on 2 cores
 SVD_SAMPLE_EVERY = 8
 
@@ -60,7 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--svd-cache", default=None, help="keep the SVD cache here (default: a temporary file)")
     p.add_argument("--parts", default=",".join(PARTS),
                    help="which measurements, comma-separated")
-    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SD1.5 (tests bench.py)")
+    p.add_argument("--arch", choices=ARCHS, default="sd15",
+                   help="the architecture: SD1.5 (UNet + CLIP ViT-L) or SDXL base (UNet + ViT-L + bigG; a GPU only, "
+                        "unless --tiny: its UNet alone is 10 GB in fp32 and its SVD would take hours on a CPU)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model of --arch's kind (tests bench.py)")
+    p.add_argument("--train-steps", type=int, default=20,
+                   help="steps of the checkpointing part: SVDiff trained as train.py --grad-checkpointing trains")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one memory probe (see PROBES)
     return p.parse_args(argv)
 
@@ -68,47 +78,74 @@ def parse_args(argv=None):
 def check_args(a):
     if a.resolution % 8 or a.resolution < 8:
         raise ValueError(f"--resolution must be a positive multiple of 8, got {a.resolution}")
-    if a.steps < 1:
-        raise ValueError("--steps must be at least 1")
+    if a.steps < 1 or a.train_steps < 1:
+        raise ValueError("--steps and --train-steps must be at least 1")
     bad = set(a.parts.split(",")) - set(PARTS)
     if bad:
         raise ValueError(f"--parts: unknown {', '.join(sorted(bad))}; choose from {', '.join(PARTS)}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    if a.arch == "sdxl" and a.device == "cpu" and not a.tiny:
+        raise ValueError("--arch sdxl measures the full SDXL architecture on a GPU (--device cuda): its UNet alone is "
+                         "10 GB in fp32 and the SVD would take hours on a CPU; add --tiny for its tiny form here")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The model: SD1.5's architecture (or a tiny one), seeded random weights
+# The model: SD1.5's or SDXL's architecture (or a tiny one of either kind), seeded random weights
 
 
-def configs(tiny: bool):
+def configs(arch: str, tiny: bool):
+    """(UNet config, [text encoder configs]) of an architecture: the full one, or a tiny one of the same kind."""
+    if arch == "sd15":
+        if not tiny:
+            return unet_lib.UNetConfig(), [clip_text.TextConfig()]  # the defaults ARE SD1.5's UNet and CLIP ViT-L/14
+        return (unet_lib.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+                                    num_heads=2, context_dim=64),
+                [clip_text.TextConfig(width=64, layers=2, heads=1, intermediate=256)])
+    # SDXL base 1.0 (its unet/, text_encoder/ and text_encoder_2/ config.json): no attention at level 0, 2 and 10
+    # transformer blocks at levels 1 and 2 and 10 in the middle, 64-channel heads, context 768 + 1280, label_emb on
+    # y = bigG's pooled 1280 + 6 x 256; ViT-L runs 11 of its 12 layers, bigG all 32 and its projection
     if not tiny:
-        return unet_lib.UNetConfig(), clip_text.TextConfig()  # the defaults ARE SD1.5's UNet and CLIP ViT-L/14
-    return (unet_lib.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
-                                num_heads=2, context_dim=64),
-            clip_text.TextConfig(width=64, layers=2, heads=1, intermediate=256))
+        return (unet_lib.UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_levels=(1, 2), num_heads=None,
+                                    head_dim=64, transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+                                    context_dim=2048, linear_proj=True, adm_in_channels=2816),
+                [clip_text.TextConfig(layers=11, final_norm=False),
+                 clip_text.TextConfig("sd2", width=1280, layers=32, heads=20, intermediate=5120, act="gelu",
+                                      final_norm=False, projection_dim=1280)])
+    return (unet_lib.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                                num_heads=None, head_dim=32, transformer_depth=(0, 2), transformer_depth_middle=2,
+                                context_dim=128, linear_proj=True, adm_in_channels=64 + 6 * unet_lib.SIZE_EMBED_DIM),
+            [clip_text.TextConfig(width=64, layers=1, heads=1, intermediate=256, final_norm=False),
+             clip_text.TextConfig("sd2", width=64, layers=2, heads=1, intermediate=256, act="gelu", final_norm=False,
+                                  projection_dim=64)])
 
 
-def build_model(tiny: bool, device: str, dtype: torch.dtype) -> sd.StableDiffusion:
-    """The same weights in every process (seed 0), so a child process can reuse the parent's SVD cache."""
-    ucfg, tcfg = configs(tiny)
+def build_model(tiny: bool, device: str, dtype: torch.dtype, arch: str = "sd15") -> sd.StableDiffusion:
+    """The same weights in every process (seed 0, built on `device`), so a child process can reuse the parent's SVD
+    cache. The tokenizers come from the shipped CLIP vocabulary, so that PROMPTS are encoded as train.py encodes
+    prompts (sd.encode_prompts: for SDXL both encoders and y)."""
+    ucfg, tcfgs = configs(arch, tiny)
     torch.manual_seed(0)
-    unet, text = unet_lib.UNet(ucfg), clip_text.build_text_encoder(tcfg)  # PyTorch's default (random) inits
-    model = sd.StableDiffusion(unet.to(device, dtype), None, text.to(device, dtype), None, "sd1", "epsilon")
-    model.unet.requires_grad_(False), model.text_encoder.requires_grad_(False)
-    return model
+    with torch.device(device):  # PyTorch's default (random) inits, where the model will run (fast on a GPU)
+        unet, texts = unet_lib.UNet(ucfg), [clip_text.build_text_encoder(cfg) for cfg in tcfgs]
+    unet, texts = unet.to(dtype).requires_grad_(False), [t.to(dtype).requires_grad_(False) for t in texts]
+    tokenizers = [clip_text.Tokenizer.from_bpe(clip_text.find_bpe_vocab(), clip_text.pad_id_for(cfg.family))
+                  for cfg in tcfgs]
+    if arch == "sd15":
+        return sd.StableDiffusion(unet, None, texts[0], tokenizers[0], "sd1", "epsilon")
+    return sd.StableDiffusion(unet, None, texts[0], tokenizers[0], "sdxl", "epsilon", text_encoder_2=texts[1],
+                              tokenizer_2=tokenizers[1])
 
 
 def make_batch(model, resolution: int, device: str):
-    """One instance + one prior example: noisy latents, timesteps, token ids and the noise target."""
+    """One instance + one prior example (their prompts: PROMPTS): noisy latents, timesteps and the noise target."""
     g = torch.Generator().manual_seed(1)
     h = resolution // 8
     x_t = torch.randn(2, model.unet.cfg.in_channels, h, h, generator=g)
     noise = torch.randn(x_t.shape, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
-    ids = torch.randint(0, model.text_encoder.cfg.vocab_size, (2, model.text_encoder.cfg.context_length), generator=g)
     dtype = next(model.unet.parameters()).dtype
-    return x_t.to(device, dtype), t.to(device), ids.to(device), noise.to(device)
+    return x_t.to(device, dtype), t.to(device), noise.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,15 +273,15 @@ def autocast(device):
 
 
 def train_step(methods: Methods, method: str, batch):
-    """One optimisation step of Eq. 3 (λ = 1): text encoder (trained only by SVDiff's `all`), UNet, AdamW."""
+    """One optimisation step of Eq. 3 (λ = 1): text encoder(s) (trained only by SVDiff's `all`), UNet, AdamW."""
     optimizer = methods.optimizer(method)
     methods.use(method)
-    x_t, t, ids, noise = batch
+    x_t, t, noise = batch
     unet = methods.unet_for(method)
     with autocast(methods.device):
         with torch.set_grad_enabled(method in ("svdiff", "naive")):
-            context = methods.model.text_encoder(ids)
-        pred = unet(x_t.to(next(unet.parameters()).dtype), t, context).float()
+            cond = sd.encode_prompts(methods.model, PROMPTS)
+        pred = unet(x_t.to(next(unet.parameters()).dtype), t, cond.context, cond.y).float()
     loss, _ = svdiff.prior_preservation_loss(pred[:1], noise[:1], pred[1:], noise[1:], 1.0)
     loss.backward()
     optimizer.step()
@@ -376,7 +413,7 @@ def bench_full(methods: Methods, batch, reps: int, fast_vs_lora: float):
             "seconds_full_pair": {"lora": lora, "full": full}}
 
 
-def bench_sampling(methods: Methods, batch, reps: int, tiny: bool, folder: Path, cache: Path):
+def bench_sampling(methods: Methods, batch, reps: int, arch: str, tiny: bool, folder: Path, cache: Path):
     """Per-step UNet time (batch 2: classifier-free guidance) of a second copy of the model with a shift file
     applied as sample.py applies it (apply_shift_files: W_δ merged into the weights once, wrappers removed),
     against the base model, taking turns. (Our UNet against diffusers': tests/bench_diffusers.py, since the
@@ -385,15 +422,16 @@ def bench_sampling(methods: Methods, batch, reps: int, tiny: bool, folder: Path,
     methods.use("svdiff")
     shifts.save_shift_file(model, folder / "sample_shifts.safetensors")
     methods.use("base")
-    shifted = build_model(tiny, device, next(model.unet.parameters()).dtype)
+    shifted = build_model(tiny, device, next(model.unet.parameters()).dtype, arch)
     t0 = time.perf_counter()
     shifts.apply_shift_files(shifted, [str(folder / "sample_shifts.safetensors")], cache=cache)
     sync(device)
     apply_seconds = time.perf_counter() - t0
-    x_t, t, ids, _ = batch
+    x_t, t, _ = batch
     with torch.no_grad(), autocast(device):
-        context = model.text_encoder(ids)
-        fns = {"base": lambda: model.unet(x_t, t[:1], context), "merged": lambda: shifted.unet(x_t, t[:1], context)}
+        c = sd.encode_prompts(model, PROMPTS)
+        fns = {"base": lambda: model.unet(x_t, t[:1], c.context, c.y),
+               "merged": lambda: shifted.unet(x_t, t[:1], c.context, c.y)}
         times = alternate(fns, 3 * reps, device)  # steps are short and the ratio is near 1: more turns
     return {"sampling_seconds": times, "merged_vs_base_sampling": median(times["merged"]) / median(times["base"]),
             "apply_shifts_seconds": apply_seconds}
@@ -419,30 +457,51 @@ def peak_memory(device) -> int:
 
 
 def child(a):
-    """The `--child` process: build the model, take one training step of one method, print the peak memory (the
-    first step is the peak: it allocates AdamW's state while the gradients are alive)."""
-    device, method = a.device, a.child.removesuffix("-drop-w")
-    model = build_model(a.tiny, device, torch.bfloat16 if device == "cuda" else torch.float32)
-    if method != "model":
+    """The `--child` process: build the model, train one method, print the peak memory since the model was built.
+    A probe (PROBES) takes one step: the first is the peak (it allocates AdamW's state while the gradients are
+    alive). "checkpointing" trains SVDiff as train.py --grad-checkpointing does (svdiff.drop_weights, the UNet's
+    activations recomputed in the backward pass) for 1 + --train-steps steps, and prints the timed ones' seconds."""
+    device = a.device
+    model = build_model(a.tiny, device, torch.bfloat16 if device == "cuda" else torch.float32, a.arch)
+    if device == "cuda":  # from here: the model as it runs, not the fp32 copy it was drawn in before the cast
+        torch.cuda.reset_peak_memory_stats()
+    out = {}
+    if a.child != "model":
+        method = "svdiff" if a.child == "checkpointing" else a.child.removesuffix("-drop-w")
         methods = Methods(model, a.svd_cache, device, which=(method,))
-        if a.child.endswith("-drop-w"):
+        if a.child in ("svdiff-drop-w", "checkpointing"):
             svdiff.drop_weights(model)
-        train_step(methods, method, make_batch(model, a.resolution, device))
+        model.unet.grad_checkpointing = a.child == "checkpointing"
+        batch = make_batch(model, a.resolution, device)
+        steps = 1 + (a.train_steps if a.child == "checkpointing" else 0)
+        seconds = [timed(lambda: train_step(methods, method, batch), device) for _ in range(steps)]
+        if a.child == "checkpointing":
+            out["seconds"] = seconds[1:]  # the first step also makes AdamW's state and picks the kernels
     sync(device)
-    print(json.dumps({"peak_bytes": peak_memory(device)}))
+    print(json.dumps(out | {"peak_bytes": peak_memory(device)}))
+
+
+def run_child(a, probe: str, cache: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", probe, "--device", a.device, "--arch", a.arch,
+           "--resolution", str(a.resolution), "--train-steps", str(a.train_steps), "--svd-cache", str(cache)] + \
+        (["--tiny"] if a.tiny else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"the {probe} child process failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def bench_memory(a, cache: Path):
     """Peak memory of each method, each in a fresh process, beside one that only builds the model."""
-    out = {}
-    for probe in PROBES:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", probe, "--device", a.device,
-               "--resolution", str(a.resolution), "--svd-cache", str(cache)] + (["--tiny"] if a.tiny else [])
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory probe for {probe} failed:\n{res.stderr[-2000:]}")
-        out[probe] = json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
-    return {"peak_bytes": out}
+    return {"peak_bytes": {probe: run_child(a, probe, cache)["peak_bytes"] for probe in PROBES}}
+
+
+def bench_checkpointing(a, cache: Path):
+    """SVDiff trained as train.py --grad-checkpointing trains it, --train-steps steps in a fresh process: seconds
+    per step and the peak memory (the figures of a long run at a large size, e.g. SDXL at 1024 px in bf16)."""
+    r = run_child(a, "checkpointing", cache)
+    return {"checkpointed_seconds": r["seconds"], "checkpointed_step_seconds": median(r["seconds"]),
+            "checkpointed_peak_bytes": r["peak_bytes"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,7 +518,8 @@ def table(r) -> str:
     trainable = {"svdiff": r.get("shift_floats"), "naive": r.get("shift_floats"), "lora": r.get("lora_params"),
                  "full": r.get("unet_params")}
     sec = {**sec, "full": r.get("seconds_full_pair", {}).get("full", [])}
-    lines = [f"training step, batch 2 (1 instance + 1 prior) at {r['resolution']} px, {r['machine']}, "
+    arch = ARCH_NAMES[r["arch"]] + (" (tiny)" if r["tiny"] else "")
+    lines = [f"{arch}: training step, batch 2 (1 instance + 1 prior) at {r['resolution']} px, {r['machine']}, "
              f"torch {r['torch']}; seconds: median of {r['steps']} (sampling: {3 * r['steps']}); ratios measured "
              "side by side", "",
              "| method | trainable | seconds | SVDiff fast ÷ this | peak memory | above the model alone |",
@@ -473,7 +533,7 @@ def table(r) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| other | figure |", "|---|---|"]
     if "svd_seconds" in r:
-        lines += [f"| SVD of UNet + text encoder, cold (and writing the cache) | {r['svd_seconds']:.1f} s |",
+        lines += [f"| SVD of UNet + text encoder(s), cold (and writing the cache) | {r['svd_seconds']:.1f} s |",
                   f"| SVD from the cache ({gb(r['svd_cache_bytes'])}, read into memory) | "
                   f"{r['svd_cached_seconds']:.1f} s |",
                   f"| SVD, ours ÷ torch.linalg.svd (float64, same run; every {SVD_SAMPLE_EVERY}th matrix: "
@@ -484,6 +544,10 @@ def table(r) -> str:
         lines.append(f"| sampling, UNet step (batch 2): base / shifts merged by apply_shift_files | "
                      f"{median(s['base']):.3f} s / {median(s['merged']):.3f} s = {r['merged_vs_base_sampling']:.3f} |")
         lines.append(f"| applying a shift file (SVD from the cache, merge) | {r['apply_shifts_seconds']:.1f} s |")
+    if "checkpointed_step_seconds" in r:
+        lines.append(f"| SVDiff training as train.py --grad-checkpointing (drop_weights), "
+                     f"{len(r['checkpointed_seconds'])} steps: seconds per step (median), peak memory | "
+                     f"{r['checkpointed_step_seconds']:.2f} s, {gb(r['checkpointed_peak_bytes'])} |")
     if "shift_file_bytes" in r:
         lines += [f"| shift file `all`, fp32 / fp16 ({r['shift_floats']:,} floats) | {mb(r['shift_file_bytes'])} / "
                   f"{mb(r['shift_file_fp16_bytes'])} |",
@@ -506,12 +570,12 @@ def main(argv=None):
         return child(a)
     device, parts = a.device, set(a.parts.split(","))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    r = {"device": device, "machine": machine(device), "torch": torch.__version__, "resolution": a.resolution,
-         "steps": a.steps, "tiny": a.tiny, "parts": sorted(parts)}
+    r = {"arch": a.arch, "device": device, "machine": machine(device), "torch": torch.__version__,
+         "resolution": a.resolution, "steps": a.steps, "tiny": a.tiny, "parts": sorted(parts)}
     with tempfile.TemporaryDirectory(prefix="svdiff-bench-") as tmp:
         tmp = Path(tmp)
         cache = Path(a.svd_cache) if a.svd_cache else tmp / "svd_cache.safetensors"
-        model = build_model(a.tiny, device, dtype)
+        model = build_model(a.tiny, device, dtype, a.arch)
         r["unet_params"] = sum(p.numel() for p in model.unet.parameters())
         if "svd" in parts:
             r |= bench_svd(model, cache, device, progress=not a.tiny)
@@ -522,7 +586,7 @@ def main(argv=None):
         if "training" in parts:
             r |= bench_training(methods, batch, a.steps)
         if "sampling" in parts:
-            r |= bench_sampling(methods, batch, a.steps, a.tiny, tmp, cache)
+            r |= bench_sampling(methods, batch, a.steps, a.arch, a.tiny, tmp, cache)
         methods.drop_shifts()
         if "training" in parts:
             r |= bench_full(methods, batch, a.steps, r["fast_vs_lora"])
@@ -531,10 +595,13 @@ def main(argv=None):
         r["bench_peak_bytes"] = peak_memory(device)  # this process's own peak, all phases
         if "memory" in parts:
             r |= bench_memory(a, cache)
+        if "checkpointing" in parts:
+            r |= bench_checkpointing(a, cache)
     print(table(r))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))
-    print(json.dumps({k: r.get(k) for k in SUMMARY_KEYS} | {"device": device, "resolution": a.resolution}))
+    print(json.dumps({k: r.get(k) for k in SUMMARY_KEYS} | {"arch": a.arch, "device": device,
+                                                             "resolution": a.resolution}))
     return r
 
 

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
+import sd  # noqa: E402
 
 
 def diffusers_unet(model):
@@ -43,9 +44,9 @@ def main(argv=None):
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     model = bench.build_model(a.tiny, a.device, dtype)
     theirs = diffusers_unet(model)
-    x_t, t, ids, _ = bench.make_batch(model, a.resolution, a.device)
+    x_t, t, _ = bench.make_batch(model, a.resolution, a.device)
     with torch.no_grad(), bench.autocast(a.device):
-        context = model.text_encoder(ids)
+        context = sd.encode_prompts(model, bench.PROMPTS).context
         times = bench.alternate({"ours": lambda: model.unet(x_t, t[:1], context),
                                  "diffusers": lambda: theirs(x_t, t[:1], encoder_hidden_states=context)},
                                 3 * a.steps, a.device)

@@ -168,7 +168,9 @@ def test_sdxl_lora_names_are_kohyas(shifted):
     """kohya trains SDXL on its copy of the original UNet and on transformers' two text encoders, so an SDXL LoRA
     names the UNet's layers by the single file's keys (ComfyUI's rule: lora_unet_ + the key without
     `model.diffusion_model.` and `.weight`, dots -> '_') and the encoders' by transformers' names under lora_te1_
-    (ViT-L) and lora_te2_ (bigG, whose fused q/k/v are three LoRAs). No other name (SD's diffusers-style lora_unet_down_blocks_…, lora_te_) may appear."""
+    (ViT-L) and lora_te2_ (bigG, whose fused q/k/v are three LoRAs). No other name (SD's diffusers-style
+    lora_unet_down_blocks_…, lora_te_) may appear. (With diffusers' UNet names, load_lora_weights misplaces SDXL's
+    add_embedding: sgm names are what it reads.)"""
     _, tmp, _, model = shifted
     path = tmp / "names.safetensors"
     shifts.export_lora(model, path, rank=2, dtype=torch.float32)
