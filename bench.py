@@ -46,6 +46,7 @@ LORA_RANK = 4
 LORA_TARGETS = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")  # diffusers' default target_modules
 METHODS = ("svdiff", "naive", "lora", "full")
 PARTS = ("svd", "files", "training", "sampling", "memory", "checkpointing")
+CHILD_PARTS = ("memory", "checkpointing")  # measured in processes of their own (the SVD cache, if any, is reused)
 ARCHS = ("sd15", "sdxl")
 PROMPTS = ["a photo of sks dog", "a photo of a dog"]  # the batch: one instance and one prior example
 SUMMARY_KEYS = ("fast_vs_naive", "fast_vs_full", "fast_vs_lora", "svd_seconds", "svd_cached_seconds", "svd_vs_lapack",
@@ -563,36 +564,42 @@ def machine(device) -> str:
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})"
 
 
+def bench_in_process(a, parts, cache: Path, tmp: Path) -> dict:
+    """The parts measured in this process, on one model: svd, files, training, sampling."""
+    device = a.device
+    model = build_model(a.tiny, device, torch.bfloat16 if device == "cuda" else torch.float32, a.arch)
+    r = {"unet_params": sum(p.numel() for p in model.unet.parameters())}
+    if "svd" in parts:
+        r |= bench_svd(model, cache, device, progress=not a.tiny)
+    methods = Methods(model, cache, device)
+    batch = make_batch(model, a.resolution, device)
+    if "files" in parts:
+        r |= bench_files(methods, tmp)
+    if "training" in parts:
+        r |= bench_training(methods, batch, a.steps)
+    if "sampling" in parts:
+        r |= bench_sampling(methods, batch, a.steps, a.arch, a.tiny, tmp, cache)
+    methods.drop_shifts()
+    if "training" in parts:
+        r |= bench_full(methods, batch, a.steps, r["fast_vs_lora"])
+    del methods, model
+    gc.collect()
+    return r | {"bench_peak_bytes": peak_memory(device)}  # this process's own peak, all phases
+
+
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
     if a.child:
         return child(a)
     device, parts = a.device, set(a.parts.split(","))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     r = {"arch": a.arch, "device": device, "machine": machine(device), "torch": torch.__version__,
          "resolution": a.resolution, "steps": a.steps, "tiny": a.tiny, "parts": sorted(parts)}
     with tempfile.TemporaryDirectory(prefix="svdiff-bench-") as tmp:
         tmp = Path(tmp)
         cache = Path(a.svd_cache) if a.svd_cache else tmp / "svd_cache.safetensors"
-        model = build_model(a.tiny, device, dtype, a.arch)
-        r["unet_params"] = sum(p.numel() for p in model.unet.parameters())
-        if "svd" in parts:
-            r |= bench_svd(model, cache, device, progress=not a.tiny)
-        methods = Methods(model, cache, device)
-        batch = make_batch(model, a.resolution, device)
-        if "files" in parts:
-            r |= bench_files(methods, tmp)
-        if "training" in parts:
-            r |= bench_training(methods, batch, a.steps)
-        if "sampling" in parts:
-            r |= bench_sampling(methods, batch, a.steps, a.arch, a.tiny, tmp, cache)
-        methods.drop_shifts()
-        if "training" in parts:
-            r |= bench_full(methods, batch, a.steps, r["fast_vs_lora"])
-        del methods, model
-        gc.collect()
-        r["bench_peak_bytes"] = peak_memory(device)  # this process's own peak, all phases
+        if parts - set(CHILD_PARTS):
+            r |= bench_in_process(a, parts, cache, tmp)
         if "memory" in parts:
             r |= bench_memory(a, cache)
         if "checkpointing" in parts:
