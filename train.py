@@ -13,12 +13,14 @@ Outputs in --out (default runs/{token}): shifts.safetensors (every --save-every 
 resume.pt, samples/step_XXXXX.png, config.json (the resolved arguments), log.jsonl (one line per step).
 """
 import argparse
+import itertools
 import json
 import pickle
 import string
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--class-word", action="append", default=None,
                    help="subject class (default: the folder's name, or the image file's name without suffix)")
     p.add_argument("--model", default=None,
-                   help="SD 1.x/2.x single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
+                   help="SD 1.x/2.x/XL single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
                         f"(default: $SVDIFF_MODEL, else {sd.DEFAULT_MODEL}; with --resume, the run's own)")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
@@ -70,14 +72,17 @@ def parse_args(argv=None):
     p.add_argument("--subset", default="all", help="which weights get shifts: " + ", ".join(svdiff.SUBSETS))
     p.add_argument("--rank", type=int, default=None, help="shift only the k largest singular values per matrix")
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in, reused next time")
-    p.add_argument("--resolution", type=int, default=512, help="shorter side resized to this, centre crop")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="shorter side resized to this, centre crop (default: 1024 for SDXL, 512 for SD 1.x/2.x)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0)
     # hardware
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(sd.DTYPES), default=None,
                    help="autocast dtype on CUDA (default bf16 where supported, else fp16); CPU runs fp32")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations (less memory)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute UNet activations in the backward pass: less memory, one more UNet forward "
+                        "per step (default: on for SDXL, off for SD 1.x/2.x)")
     # outputs
     p.add_argument("--out", default=None, help="output folder (default runs/{token})")
     p.add_argument("--save-every", type=int, default=100)
@@ -95,9 +100,20 @@ def parse_args(argv=None):
 # Images
 
 
+class Crop(NamedTuple):
+    """Where a training image's R x R square comes from, in pixels, for SDXL's micro-conditioning (the time ids,
+    as diffusers' DreamBooth-SDXL script makes them): `original_size` (h, w) of the image before resizing (after its
+    EXIF orientation), and the crop's (top, left) corner in the resized image, `top_left`; `flipped_top_left` is
+    that corner in the mirrored resized image, whose crop is the mirror of ours (--flip), so its left offset is
+    measured from the other side."""
+    original_size: tuple[int, int]
+    top_left: tuple[int, int]
+    flipped_top_left: tuple[int, int]
+
+
 def load_image(path: Path, resolution: int):
     """One training image as a [3, R, R] tensor in [-1, 1]: EXIF orientation applied, any mode converted to RGB,
-    shorter side resized to R (upscaling small images), centre crop. Returns (tensor, warning or None)."""
+    shorter side resized to R (upscaling small images), centre crop. Returns (tensor, Crop, warning or None)."""
     from PIL import Image, ImageOps
     Image.MAX_IMAGE_PIXELS = None  # the user's own photos, not uploads: a 200 MP camera file is no decompression bomb
     with Image.open(path) as im:
@@ -109,7 +125,7 @@ def load_image(path: Path, resolution: int):
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im)
         im = im.convert("RGB")
-        w, h = im.size
+        w, h = original = im.size
         warning = None
         if min(w, h) < resolution:
             warning = f"{path.name} is {w}x{h}, smaller than --resolution {resolution}: upscaled"
@@ -120,24 +136,30 @@ def load_image(path: Path, resolution: int):
         left, top = (w - resolution) // 2, (h - resolution) // 2
         im = im.crop((left, top, left + resolution, top + resolution))
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
-    return x.permute(2, 0, 1).float() / 127.5 - 1, warning
+    crop = Crop(original[::-1], (top, left), (top, w - resolution - left))
+    return x.permute(2, 0, 1).float() / 127.5 - 1, crop, warning
+
+
+def image_files(folder: Path, flag: str = "--images") -> list[Path]:
+    """The images `folder` names: its JPEG/PNG/WebP/BMP files, sorted by name, or itself when it is a file."""
+    if folder.is_file():
+        return [folder]
+    if folder.is_dir():
+        return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    raise ValueError(f"{flag} {folder}: no such folder or image file; pass a JPEG/PNG/WebP/BMP image or a "
+                     "folder of them")
 
 
 def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
     """All readable images of a folder, sorted by name, or the one image file `folder` names, with their
-    captions (a same-named .txt beside an image). Unreadable files of a folder are listed and skipped; an
-    unreadable single file, or no usable image, is an error. `flag` names the option in messages."""
-    if folder.is_file():
-        files = [folder]
-    elif folder.is_dir():
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        raise ValueError(f"{flag} {folder}: no such folder or image file; pass a JPEG/PNG/WebP/BMP image or a "
-                         "folder of them")
-    images, captions, bad = [], [], []
+    captions (a same-named .txt beside an image) and crops (`Crop`): (images, captions, crops). Unreadable files
+    of a folder are listed and skipped; an unreadable single file, or no usable image, is an error. `flag` names
+    the option in messages."""
+    files = image_files(folder, flag)
+    images, captions, crops, bad = [], [], [], []
     for f in files:
         try:
-            x, warning = load_image(f, resolution)
+            x, crop, warning = load_image(f, resolution)
         except (OSError, SyntaxError, ValueError, OverflowError) as e:
             # what PIL raises for damaged files: OSError (UnidentifiedImageError, truncated data), SyntaxError
             # (broken PNG chunks), ValueError and OverflowError (nonsense BMP headers); not MemoryError or a bug
@@ -149,13 +171,14 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         images.append(x)
+        crops.append(crop)
         txt = f.with_suffix(".txt")
         captions.append(txt.read_text().strip() if txt.is_file() else None)
     if bad:
         print(f"warning: skipped {len(bad)} unreadable file(s) in {folder}: {', '.join(bad)}", file=sys.stderr)
     if not images:
         raise ValueError(f"{flag} {folder}: no usable images (JPEG/PNG/WebP/BMP); add 3-5 photos of the subject")
-    return images, captions
+    return images, captions, crops
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,6 +186,8 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
 
 
 def check_args(a):
+    for folder in a.images:  # (read in `train`; a missing one is refused before a model is fetched)
+        image_files(Path(folder))
     if not a.token and len(a.images) > 1:
         raise ValueError("several --images folders need one --token each (e.g. --token sks --token zwx)")
     if not a.token and uses_token(a.instance_prompt):
@@ -172,7 +197,7 @@ def check_args(a):
         raise ValueError(f"--images and --token come in pairs: got {len(a.images)} folders, {len(a.token)} tokens")
     if a.class_word and len(a.class_word) != len(a.images):
         raise ValueError("give one --class-word per --images folder, or none (then the folder names are used)")
-    if a.resolution % 8 or a.resolution < 8:
+    if a.resolution is not None and (a.resolution % 8 or a.resolution < 8):  # (None: the family's default)
         raise ValueError(f"--resolution must be a positive multiple of 8, got {a.resolution}")
     if not 0 <= a.cutmix_prob <= 1:
         raise ValueError(f"--cutmix-prob must be between 0 and 1, got {a.cutmix_prob}")
@@ -249,6 +274,18 @@ def resolve(a):
     a.model = sd.choose_model(a.model, Path(a.out) / "shifts.safetensors" if a.resume else None)
     if a.dtype is None:
         a.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if a.device.startswith("cuda") else "fp32"
+    if a.resolution is None or a.grad_checkpointing is None:
+        # The defaults that depend on the model's family, known before anything is loaded: a file's header, a
+        # folder's layout; a Hub id is fetched here as `train` will load it (the same files, from the cache).
+        family = sd.peek_family(a.model, half=weight_dtype(a) in sd.HALF)
+        # SDXL was trained at 1024 px; at 512 it makes worse images (and its micro-conditioning would say so)
+        a.resolution = a.resolution or sd.DEFAULT_SIZE[family]
+        if a.grad_checkpointing is None:
+            # On for SDXL: at 1024 px (4x the pixels of SD's 512) through a UNet 3x SD1.5's, the activations kept
+            # for the backward pass grow past what a 24 GB GPU has beside the weights and factors (expected, as
+            # DreamBooth-SDXL recipes expect it; not yet measured here); recomputing them costs one more UNet
+            # forward per step. --no-grad-checkpointing where memory allows.
+            a.grad_checkpointing = family == "sdxl"
     return a
 
 
@@ -277,28 +314,40 @@ def train(a, instances=None):
 
     # Prompts: per-image caption if given, else the instance prompt; class prompts for the prior images.
     instance_prompts = [[(None if a.no_captions else cap) or a.instance_prompt.format(token=tok, **{"class": cw})
-                         for cap in caps] for (imgs, caps), tok, cw in zip(instances, tokens, a.class_word)]
+                         for cap in caps] for (_, caps, _), tok, cw in zip(instances, tokens, a.class_word)]
     class_prompts = [a.class_prompt.format(**{"class": cw}) for cw in a.class_word]
+    # Cut-Mix collages of each ordered pair of subjects: their prompts and the subjects' token positions, found
+    # before anything is written (a prompt that cannot work is refused now, not at the step that draws it)
+    collages = {}
+    if len(subjects) >= 2 and a.cutmix_prob > 0:
+        for left, right in itertools.permutations(range(len(subjects)), 2):
+            prompt, class_prompt = cutmix_prompts(a, left, right)
+            collages[left, right] = prompt, class_prompt, [(subject_positions(model, prompt, a.token[i]), side)
+                                                           for i, side in ((left, "left"), (right, "right"))]
     class_images = []
     if a.prior_weight > 0:
         for cw, prompt in zip(a.class_word, class_prompts):
             folder = Path(a.class_dir) / cw.replace("/", "_")
             generate_class_images(model, prompt, folder, a.num_class_images, a.class_steps, a.resolution, a.seed,
                                   a.device)
-            class_images.append([load_image(f, a.resolution)[0]
-                                 for f in sorted(folder.glob("*.png"))[:a.num_class_images]])
+            # generated at the resolution, so their crops say original (R, R), corner (0, 0) (diffusers'
+            # DreamBooth-SDXL gives a class image its instance image's sizes instead); images put in the folder by
+            # hand get their own
+            loaded = [load_image(f, a.resolution) for f in sorted(folder.glob("*.png"))[:a.num_class_images]]
+            class_images.append(([x for x, _, _ in loaded], [crop for _, crop, _ in loaded]))
 
     # The VAE is frozen: encode every image once (and its mirror image for --flip), keep mean and logvar, and
-    # draw z = mean + σ·ε afresh each step, exactly as encoding every step would.
-    def encode_all(images):
+    # draw z = mean + σ·ε afresh each step, exactly as encoding every step would. Beside them each image's crop
+    # ([N, 3, 2]: original size, corner, mirrored corner), SDXL's micro-conditioning of each draw.
+    def encode_all(images, crops):
         with torch.no_grad():
             x = torch.stack(images).to(a.device, next(model.vae.parameters()).dtype)
             moments = [torch.cat(model.vae.encode(x[i:i + 4]), 1) for i in range(0, len(x), 4)]
             moments_flip = [torch.cat(model.vae.encode(x[i:i + 4].flip(-1)), 1) for i in range(0, len(x), 4)] \
                 if a.flip else moments
-        return torch.cat(moments).float(), torch.cat(moments_flip).float()
-    instance_latents = [encode_all(imgs) for imgs, _ in instances]
-    class_latents = [encode_all(imgs) for imgs in class_images]
+        return torch.cat(moments).float(), torch.cat(moments_flip).float(), torch.tensor(crops)
+    instance_latents = [encode_all(imgs, crops) for imgs, _, crops in instances]
+    class_latents = [encode_all(imgs, crops) for imgs, crops in class_images]
 
     svdiff.add_spectral_shifts(model, subset=a.subset, rank=a.rank, cache=a.svd_cache)
     # The layers whose factored path is the cheaper one at every token count never read W again: free it (the
@@ -325,16 +374,23 @@ def train(a, instances=None):
             (out / stale).unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(vars(a), indent=2))
 
-    def sample_latents(latent_pairs, n):
-        """n random (image, flip) draws from one subject's cached posteriors -> z·scale (the VAE's scaling_factor)."""
-        mean_logvar, mean_logvar_flip = latent_pairs
+    def sample_latents(cached, n):
+        """n random (image, flip) draws from one subject's cached posteriors -> (z·scale (the VAE's
+        scaling_factor), the images' indices, (original sizes [n, 2], crop corners [n, 2]): the mirrored image's
+        corner for a flipped draw)."""
+        mean_logvar, mean_logvar_flip, crops = cached
         idx = torch.randint(len(mean_logvar), (n,), generator=gen)
         flip = torch.rand(n, generator=gen) < 0.5 if a.flip else torch.zeros(n, dtype=torch.bool)
         # drawn on the CPU (one generator for every device); torch.where wants the mask beside the latents
         m = torch.where(flip[:, None, None, None].to(mean_logvar.device), mean_logvar_flip[idx], mean_logvar[idx])
         mean, logvar = m.chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean.device)
-        return z * model.vae.cfg.scaling_factor, idx
+        return z * model.vae.cfg.scaling_factor, idx, (crops[idx, 0], torch.where(flip[:, None], crops[idx, 2],
+                                                                                   crops[idx, 1]))
+
+    # A Cut-Mix collage (and its class collage) is an image made at the target size: original (R, R), corner (0, 0)
+    # (the halves come from crops of two images; no single original size describes the collage)
+    whole = (torch.full((a.batch_size, 2), a.resolution), torch.zeros(a.batch_size, 2, dtype=torch.long))
 
     def save(step, rng):
         """The shift file and resume.pt of `step`: δ (fp32 in resume.pt, whatever --half makes of the shift file),
@@ -352,19 +408,18 @@ def train(a, instances=None):
 
     def write_samples(step):
         prompt = a.sample_prompt or sample_prompt(a, instance_prompts[0][0])
-        model.unet.eval(), model.text_encoder.eval()
+        set_train(model, False)
         model.unet.record_cross_attention(False)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda):  # the shifted layers, not merged
             images = sd.text_to_image(model, [prompt] * 4, steps=a.sample_steps, height=a.resolution,
                                       width=a.resolution, generator=torch.Generator("cpu").manual_seed(a.seed),
                                       progress=False)
-        model.unet.train(), model.text_encoder.train()
+        set_train(model, True)
         (out / "samples").mkdir(exist_ok=True)
         svdiff.atomic_write(lambda p: sd.grid(sd.to_pil(images)).save(p, format="PNG"),
                             out / "samples" / f"step_{step:05d}.png")
 
-    model.unet.train()
-    model.text_encoder.train()
+    set_train(model, True)
     with tqdm(initial=start, total=a.steps, desc="train") as bar:  # closed before an error line is printed
         # `done` steps are done and δ is δ_done. Each pass computes the loss of δ_done on a fresh batch, then takes
         # step done + 1. A save of δ_done waits for that loss: only shifts that gave a finite loss are written. So the
@@ -380,19 +435,21 @@ def train(a, instances=None):
                 left, right = chosen
                 z = svdiff.cutmix(sample_latents(instance_latents[left], a.batch_size)[0],
                                   sample_latents(instance_latents[right], a.batch_size)[0])
-                prompt, class_prompt = cutmix_prompts(a, left, right)
-                prompts = [prompt] * a.batch_size
-                positions = [(svdiff.token_positions(model.tokenizer, prompt, a.token[i]), side)
-                             for i, side in ((left, "left"), (right, "right"))]
+                prompt, class_prompt, positions = collages[left, right]
+                prompts, sizes = [prompt] * a.batch_size, [whole]
             else:
                 s, = chosen
-                z, idx = sample_latents(instance_latents[s], a.batch_size)
-                prompts = [instance_prompts[s][i] for i in idx.tolist()]
+                z, idx, crops = sample_latents(instance_latents[s], a.batch_size)
+                prompts, sizes = [instance_prompts[s][i] for i in idx.tolist()], [crops]
                 class_prompt = class_prompts[s]
             if a.prior_weight > 0:  # the class images, made the same way
-                zc = svdiff.cutmix(sample_latents(class_latents[left], a.batch_size)[0],
-                                   sample_latents(class_latents[right], a.batch_size)[0]) if collage else \
-                    sample_latents(class_latents[s], a.batch_size)[0]
+                if collage:
+                    zc = svdiff.cutmix(sample_latents(class_latents[left], a.batch_size)[0],
+                                       sample_latents(class_latents[right], a.batch_size)[0])
+                    sizes.append(whole)
+                else:
+                    zc, _, crops = sample_latents(class_latents[s], a.batch_size)
+                    sizes.append(crops)
                 prompts += [class_prompt] * a.batch_size
                 z = torch.cat([z, zc])
             noise = torch.randn(z.shape, generator=gen).to(a.device)
@@ -402,7 +459,10 @@ def train(a, instances=None):
             unmix = collage  # recorded on every collage, so that log.jsonl shows it even with --unmix-weight 0
             model.unet.record_cross_attention(unmix)
             with torch.autocast("cuda", dtype=autocast_dtype, enabled=cuda), torch.set_grad_enabled(not last):
-                cond = sd.encode_prompts(model, prompts)
+                # SDXL's micro-conditioning: each row's own image's sizes (ignored by SD 1.x/2.x)
+                cond = sd.encode_prompts(model, prompts, original_size=torch.cat([o for o, _ in sizes]),
+                                         crop_top_left=torch.cat([c for _, c in sizes]),
+                                         target_size=(a.resolution, a.resolution))
                 pred = model.unet(x_t.to(cond.context.dtype), t, cond.context, cond.y).float()
             n = a.batch_size
             loss, prior_loss = svdiff.prior_preservation_loss(pred[:n], target[:n], pred[n:], target[n:],
@@ -436,9 +496,17 @@ def train(a, instances=None):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if a.sample_every and ((done + 1) % a.sample_every == 0 or done + 1 == a.steps):
                 write_samples(done + 1)
-    model.unet.eval(), model.text_encoder.eval()
+    set_train(model, False)
     model.unet.record_cross_attention(False)
     return model
+
+
+def set_train(model, on: bool):
+    """Training (or eval) mode for every module that trains: the UNet (gradient checkpointing applies in training
+    only) and the text encoder(s)."""
+    for module in (model.unet, model.text_encoder, model.text_encoder_2):
+        if module is not None:
+            module.train(on)
 
 
 def kept(out: Path) -> str:
@@ -485,6 +553,18 @@ def resume_files(out: Path):
         raise ValueError(f"--resume: {path} is of step {meta.get('step', 'none')} but resume.pt of step "
                          f"{state.get('step')}; they do not belong together. Pass --overwrite to start afresh")
     return state, meta
+
+
+def subject_positions(model, prompt: str, token: str) -> list[int]:
+    """Where a subject's token sits in a collage prompt's context (svdiff.token_positions), by the first tokenizer.
+    SDXL's context is both encoders' states side by side, position by position, and its second tokenizer gives the
+    same ids but for "!", its pad token: each "!" is one token there, where the first tokenizer merges "!!" into
+    one piece. A "!" before the token could so put it elsewhere in bigG's half: such a prompt is refused."""
+    positions = svdiff.token_positions(model.tokenizer, prompt, token)
+    if model.tokenizer_2 is not None and svdiff.token_positions(model.tokenizer_2, prompt, token) != positions:
+        raise ValueError(f"the collage prompt {prompt!r}: SDXL's two tokenizers put {token!r} at different places "
+                         "(the second reads each '!' as one token); leave '!' out of --cutmix-prompt")
+    return positions
 
 
 def draw_subjects(gen, n_subjects: int, cutmix_prob: float) -> list[int]:
