@@ -1,7 +1,8 @@
 """train.py and edit.py on a tiny SDXL: each training row's micro-conditioning is its own image's original size and
 crop (diffusers' DreamBooth-SDXL rule, flipped and not), the family's defaults (1024 px, gradient checkpointing), a
 short run lowers the loss and its shift file (both text encoders) applies through sample.py, --resume continues bit
-for bit, Cut-Mix-Unmix on the levels that have attention, prior preservation, and edit.py end to end."""
+for bit, both text encoders train, Cut-Mix-Unmix on the levels that have attention, prior preservation, and edit.py
+end to end."""
 import json
 import subprocess
 import sys
@@ -105,16 +106,20 @@ def test_each_rows_time_ids_are_its_own_images_original_size_and_crop_flipped_or
     monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
                                                                 torch.full_like(real_encode(self, x)[1], -60.0)))
     calls = []
-    monkeypatch.setattr(sd, "encode_prompts", lambda model, prompts, **sizes: calls.append(("prompts", sizes)) or
-                        real_prompts(model, prompts, **sizes))
+    modes = lambda model: (model.unet.training, model.text_encoder.training, model.text_encoder_2.training)
+    monkeypatch.setattr(sd, "encode_prompts", lambda model, prompts, **sizes: calls.append(
+        ("prompts", sizes, modes(model))) or real_prompts(model, prompts, **sizes))
     monkeypatch.setattr(ddim, "add_noise", lambda z, noise, t, al: calls.append(("z", z)) or
                         real_noise(z, noise, t, al))
     model = train.train(a)
     monkeypatch.undo()
 
     # each step noises its latents, then encodes its prompts (the class images' generation came before)
-    steps = [(z, calls[i + 1][1]) for i, (kind, z) in enumerate(calls) if kind == "z"]
-    assert len(steps) == 5 and all(calls[i + 1][0] == "prompts" for i, (kind, _) in enumerate(calls) if kind == "z")
+    steps = [(z, calls[i + 1][1]) for i, (kind, z, *_) in enumerate(calls) if kind == "z"]
+    assert len(steps) == 5 and all(calls[i + 1][0] == "prompts" for i, (kind, *_) in enumerate(calls) if kind == "z")
+    # both text encoders train with the UNet (and the model comes back in eval mode)
+    assert [calls[i + 1][2] for i, (kind, *_) in enumerate(calls) if kind == "z"] == [(True, True, True)] * 5
+    assert modes(model) == (False, False, False)
     images, _, _ = train.load_image_folder(xl / "dog", R)
     with torch.no_grad():
         means = torch.stack([torch.cat([model.vae.encode(x[None])[0], model.vae.encode(x[None].flip(-1))[0]])
