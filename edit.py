@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--edit", action="append", default=None,
                    help="a target prompt, e.g. 'a photo of a cat wearing a hat'; repeat for several edits")
     p.add_argument("--model", default=None,
-                   help="SD 1.x/2.x single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
+                   help="SD 1.x/2.x/XL single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
                         f"(default: the base model --shifts records, else $SVDIFF_MODEL, else {sd.DEFAULT_MODEL})")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
@@ -63,12 +63,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="one image per edit and seed (the first also seeds fine-tuning); seeds matter only with "
                         "--eta > 0, --slerp or --no-inversion")
-    p.add_argument("--resolution", type=int, default=512, help="shorter side resized to this, centre crop")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="shorter side resized to this, centre crop (default: 1024 for SDXL, 512 for SD 1.x/2.x)")
     # hardware and outputs
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", choices=list(sd.DTYPES), default=None,
                    help="weights and autocast on CUDA (default bf16 where supported, else fp16); CPU runs fp32")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet activations (less memory)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute UNet activations in fine-tuning: less memory, one more UNet forward per step "
+                        "(default: on for SDXL, off for SD 1.x/2.x)")
     p.add_argument("--out", default=None, help="output folder (default edits/{image stem})")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     return p.parse_args(argv)
@@ -79,6 +82,7 @@ def check_args(a):
     is loaded or written."""
     if not a.image:
         raise ValueError("no --image: pass the photo to edit, e.g. --image cat.jpg")
+    train.image_files(Path(a.image), "--image")  # it exists (read once the resolution is known)
     if not a.prompt or not a.prompt.strip():
         raise ValueError("--prompt is empty: describe the input image, e.g. --prompt 'a photo of a cat'")
     if not a.edit:
@@ -108,13 +112,33 @@ def train_args(a):
     no sample grids (the edits are the samples). The same checks and image handling as train.py, by construction."""
     literal = a.prompt.replace("{", "{{").replace("}", "}}")
     argv = [f"--images={a.image}", f"--instance-prompt={literal}", "--no-captions", "--no-prior", "--subset=all",
-            f"--steps={a.steps}", f"--lr={a.lr}", f"--lr-1d={a.lr_1d}", f"--resolution={a.resolution}",
-            f"--seed={a.seed[0]}", f"--device={a.device}", f"--out={a.out}", "--sample-every=0"]
-    for flag, value in (("model", a.model), ("vocab", a.vocab), ("dtype", a.dtype), ("svd-cache", a.svd_cache)):
+            f"--steps={a.steps}", f"--lr={a.lr}", f"--lr-1d={a.lr_1d}", f"--seed={a.seed[0]}", f"--device={a.device}",
+            f"--out={a.out}", "--sample-every=0"]
+    for flag, value in (("model", a.model), ("vocab", a.vocab), ("dtype", a.dtype), ("svd-cache", a.svd_cache),
+                        ("resolution", a.resolution)):
         if value is not None:
             argv.append(f"--{flag}={value}")
-    argv += ["--overwrite"] * a.overwrite + ["--grad-checkpointing"] * a.grad_checkpointing
+    if a.grad_checkpointing is not None:  # (None: train.py's default for the family)
+        argv.append("--grad-checkpointing" if a.grad_checkpointing else "--no-grad-checkpointing")
+    argv += ["--overwrite"] * a.overwrite
     return train.parse_args(argv)
+
+
+def resolve(a):
+    """Fill in the defaults and check everything before anything is loaded or written (train.resolve does the
+    model, resolution, device and --out, and gives the defaults that depend on the model's family: SDXL's 1024 px
+    and gradient checkpointing). Returns train.py's resolved arguments; `a` gets the same resolution, dtype and
+    gradient checkpointing."""
+    a.inversion_steps = a.sample_steps if a.inversion_steps is None else a.inversion_steps
+    check_args(a)
+    a.out = a.out or str(Path("edits") / Path(a.image).stem)
+    out = Path(a.out)
+    if not a.overwrite and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} already holds outputs; pass --overwrite to replace them, or another --out")
+    a.model = sd.choose_model(a.model, a.shifts)
+    t = train.resolve(train_args(a))  # train.py's checks: model, resolution, device, writable --out
+    a.dtype, a.resolution, a.grad_checkpointing = t.dtype, t.resolution, t.grad_checkpointing
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,19 +154,21 @@ def encode_image(model, image):
 
 
 @torch.no_grad()
-def invert(model, z, prompt, steps, model_at="source", progress=True):
-    """Eq. 6: z_T = DDIMInvert(z*, c; θ′), guidance 1, conditioned on the TARGET prompt c. The steps add up in
-    fp32 even when the UNet runs in half precision (the rounding would add up over the steps too)."""
-    cond = sd.encode_prompts(model, [prompt])
+def invert(model, z, prompt, steps, model_at="source", progress=True, sizes=None):
+    """Eq. 6: z_T = DDIMInvert(z*, c; θ′), guidance 1, conditioned on the TARGET prompt c (`sizes`: SDXL's
+    micro-conditioning, sd.encode_prompts' original_size, crop_top_left, target_size). The steps add up in fp32 even
+    when the UNet runs in half precision (the rounding would add up over the steps too)."""
+    cond = sd.encode_prompts(model, [prompt], **(sizes or {}))
     dtype = next(model.unet.parameters()).dtype
     unet = lambda x, t: model.unet(x.to(dtype), t, cond.context, cond.y).float()
     return svdiff.ddim_invert(unet, z.float(), steps, ddim.alphas_cumprod(), model.prediction_type, progress,
                               model_at)
 
 
-def edit_image(model, z_T, prompt, seed, a, progress=True):
+def edit_image(model, z_T, prompt, seed, a, progress=True, sizes=None):
     """DDIM sampling (sd.text_to_image) of `prompt` from the inverted z_T, from slerp(α, z_T, ε) (Eq. 7), or,
-    with z_T None, from noise. The seed's generator draws ε first, then the η-noise of each step."""
+    with z_T None, from noise (`sizes`: SDXL's micro-conditioning, as `invert`). The seed's generator draws ε first,
+    then the η-noise of each step."""
     g = torch.Generator("cpu").manual_seed(seed)
     latents = z_T
     if z_T is not None and a.slerp is not None:
@@ -150,7 +176,8 @@ def edit_image(model, z_T, prompt, seed, a, progress=True):
     if latents is not None:
         latents = latents.to(next(model.unet.parameters()).dtype)  # text_to_image runs in the model's dtype
     return sd.text_to_image(model, [prompt], steps=a.sample_steps, guidance=a.guidance, eta=a.eta, generator=g,
-                            height=a.resolution, width=a.resolution, latents=latents, progress=progress)
+                            height=a.resolution, width=a.resolution, latents=latents, progress=progress,
+                            **(sizes or {}))
 
 
 def comparison(rows):
@@ -198,17 +225,14 @@ def output_name(i, prompt, seed):
 
 def main(argv=None):
     a = parse_args(argv)
-    a.inversion_steps = a.sample_steps if a.inversion_steps is None else a.inversion_steps
-    check_args(a)
-    a.out = a.out or str(Path("edits") / Path(a.image).stem)
+    t = resolve(a)
     out = Path(a.out)
-    if not a.overwrite and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out} already holds outputs; pass --overwrite to replace them, or another --out")
-    a.model = sd.choose_model(a.model, a.shifts)
-    t = train.resolve(train_args(a))  # train.py's checks: model, resolution, device, writable --out
-    a.dtype = t.dtype
     loaded = train.load_image_folder(Path(a.image), a.resolution, "--image")  # train.py's image handling
-    image = loaded[0][0]
+    image, crop = loaded[0][0], loaded[2][0]
+    # SDXL's micro-conditioning of the inversion and of the edits: the image's own (as in its fine-tuning), its
+    # original size and centre crop, made at R x R
+    sizes = dict(original_size=crop.original_size, crop_top_left=crop.top_left,
+                 target_size=(a.resolution, a.resolution))
 
     if a.shifts:
         model = sd.load(t.model, device=t.device, dtype=train.weight_dtype(t), vocab=t.vocab)
@@ -234,9 +258,10 @@ def main(argv=None):
     inputs = sd.to_pil(((image + 1) / 2).clamp(0, 1)[None])[0]  # the cropped image that was inverted
     rows = [[(inputs, f"input: {a.prompt}")] for _ in a.seed]
     for i, prompt in enumerate(a.edit):
-        z_T = None if a.no_inversion else invert(model, z, prompt, a.inversion_steps, a.inversion_model_at)
+        z_T = None if a.no_inversion else invert(model, z, prompt, a.inversion_steps, a.inversion_model_at,
+                                                 sizes=sizes)
         for row, seed in zip(rows, a.seed):
-            im = sd.to_pil(edit_image(model, z_T, prompt, seed, a))[0]
+            im = sd.to_pil(edit_image(model, z_T, prompt, seed, a, sizes=sizes))[0]
             svdiff.atomic_write(lambda p: im.save(p, format="PNG"), out / output_name(i, prompt, seed))
             row.append((im, prompt if len(a.seed) == 1 else f"{prompt} (seed {seed})"))
     svdiff.atomic_write(lambda p: comparison(rows).save(p, format="PNG"), out / "comparison.png")

@@ -400,6 +400,18 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
                            digests=digests, source=source)
 
 
+def peek_family(path, half: bool = False) -> str:
+    """The family ("sd1", "sd2", "sdxl") of what `load(path)` loads, without loading it: a single file's tensor
+    names and shapes (the header, no tensor data), a folder's layout and configs. A Hub id is resolved as `load`
+    resolves it (`half`: as `load`'s dtype would), so the files it fetches are in the cache when `load` comes and
+    nothing is downloaded twice. The scripts pick their family-dependent defaults with it (SDXL's 1024 px) before
+    anything is loaded; what is wrong with a file is `load`'s to say."""
+    path = Path(path) if Path(path).exists() else hub.resolve_model(str(path), half=half)[0]
+    if path.is_dir():
+        return _folder_family(path)
+    return detect_family(checkpoint.TensorFile(path).shapes)
+
+
 def default_size(model: StableDiffusion) -> int:
     """The image side used when none is given: 512 for SD 1.x/2.x, 1024 for SDXL."""
     return DEFAULT_SIZE[model.family]

@@ -202,6 +202,27 @@ def test_an_sdxl_repo_fetches_both_text_encoders_and_tokenizers_only_then_loads_
         assert rc == 0 and again == out and hub.log == [], err[-3000:]
 
 
+
+RESOLVE = ("import sys; sys.path.insert(0, {root!r}); import train; "
+           "a = train.resolve(train.parse_args(['--images', 'dog', '--token', 'sks', '--model', sys.argv[1]])); "
+           "print(a.resolution, a.grad_checkpointing)")
+
+
+def test_train_defaults_of_an_sdxl_hub_id_fetch_what_the_run_loads_so_nothing_is_fetched_twice(hub, tmp_path):
+    """train.resolve needs the family (SDXL: 1024 px and gradient checkpointing) before anything is loaded: it
+    fetches the repo as the run's load reads it, and that load then makes no request."""
+    env = hub_env(hub.url, tmp_path / "hf")
+    (tmp_path / "dog").mkdir()
+    hub.log.clear()
+    r = subprocess.run([sys.executable, "-c", RESOLVE.format(root=str(ROOT)), "org/tiny-sdxl"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-2:] == ["1024", "True"]
+    assert hub.requested("org/tiny-sdxl") == FP32_XL
+    hub.log.clear()
+    rc, _, err = load("org/tiny-sdxl", env)
+    assert rc == 0 and hub.log == [], err[-3000:]
+
 def test_an_existing_local_path_wins_over_a_hub_id(hub, tmp_path):
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "tiny-sd1").symlink_to(hub.repos["org/tiny-sd2"])  # the SD2 model, named as the SD1 repo

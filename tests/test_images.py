@@ -28,7 +28,7 @@ def test_damaged_files_of_every_kind_pil_reports_are_skipped_with_a_warning(tmp_
               "truncated.jpg": (encoded("JPEG")[:400], "OSError")}
     for name, (data, _) in broken.items():
         (tmp_path / name).write_bytes(data)
-    images, _ = train.load_image_folder(tmp_path, 32)
+    images, _, _ = train.load_image_folder(tmp_path, 32)
     assert len(images) == 1
     err = capsys.readouterr().err
     assert all(f"{name} ({kind})" in err for name, (_, kind) in broken.items()), err

@@ -49,7 +49,7 @@ def instance_loss(setup, shift_file=None, model=None):
     timesteps, with or without the trained shifts."""
     from conftest import load_with_shifts
     model = load_with_shifts(model or setup / "model", shift_file)
-    images, _ = train.load_image_folder(setup / "dog", 64)
+    images, _, _ = train.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor
@@ -278,7 +278,7 @@ def test_images_of_every_kind_become_rgb_squares(tmp_path, capsys):
     Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif)
     (tmp_path / "rotated.txt").write_text("a photo of sks dog on a sofa\n")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    images, captions = train.load_image_folder(tmp_path, 64)
+    images, captions, _ = train.load_image_folder(tmp_path, 64)
     assert len(images) == 5 and all(x.shape == (3, 64, 64) for x in images)
     assert all(-1 <= x.min() and x.max() <= 1 for x in images)
     names = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt" and p.name != "broken.png")
@@ -290,7 +290,7 @@ def test_images_of_every_kind_become_rgb_squares(tmp_path, capsys):
     Image.fromarray(smooth).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
     Image.fromarray(smooth).transpose(Image.Transpose.ROTATE_270).save(tmp_path / "turned.png")
     Image.fromarray(smooth).save(tmp_path / "unturned.png")
-    rotated, _ = train.load_image(tmp_path / "rotated.jpg", 64)
+    rotated, _, _ = train.load_image(tmp_path / "rotated.jpg", 64)
     assert (rotated - train.load_image(tmp_path / "turned.png", 64)[0]).abs().mean() < 0.05
     assert (rotated - train.load_image(tmp_path / "unturned.png", 64)[0]).abs().mean() > 0.1
 
@@ -301,7 +301,7 @@ def test_huge_photos_are_not_taken_for_decompression_bombs(tmp_path, monkeypatch
     from PIL import Image as PILImage
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
     Image.fromarray(np.zeros((100, 300, 3), "uint8")).save(tmp_path / "huge.png")
-    x, warning = train.load_image(tmp_path / "huge.png", 64)
+    x, _, warning = train.load_image(tmp_path / "huge.png", 64)
     assert x.shape == (3, 64, 64) and warning is None
 
 
