@@ -117,7 +117,10 @@ def load_image(path: Path, resolution: int):
     """One training image as a [3, R, R] tensor in [-1, 1]: EXIF orientation applied, any mode converted to RGB,
     shorter side resized to R (upscaling small images), centre crop. Returns (tensor, Crop, warning or None)."""
     from PIL import Image, ImageOps
-    Image.MAX_IMAGE_PIXELS = None  # the user's own photos, not uploads: a 200 MP camera file is no decompression bomb
+    # The user's own photos, not uploads: a 200 MP camera file is no decompression bomb (PIL's limit is 179 MP). A
+    # limit stays, far above any camera, so that a damaged header claiming 100k x 100k pixels is refused at open
+    # instead of allocating 30 GB (PIL raises DecompressionBombError above twice this).
+    Image.MAX_IMAGE_PIXELS = 1_000_000_000
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits before RGB
@@ -157,14 +160,16 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
     captions (a same-named .txt beside an image) and crops (`Crop`): (images, captions, crops). Unreadable files
     of a folder are listed and skipped; an unreadable single file, or no usable image, is an error. `flag` names
     the option in messages."""
+    from PIL import Image
     files = image_files(folder, flag)
     images, captions, crops, bad = [], [], [], []
     for f in files:
         try:
             x, crop, warning = load_image(f, resolution)
-        except (OSError, SyntaxError, ValueError, OverflowError) as e:
+        except (OSError, SyntaxError, ValueError, OverflowError, Image.DecompressionBombError) as e:
             # what PIL raises for damaged files: OSError (UnidentifiedImageError, truncated data), SyntaxError
-            # (broken PNG chunks), ValueError and OverflowError (nonsense BMP headers); not MemoryError or a bug
+            # (broken PNG chunks), ValueError and OverflowError (nonsense BMP headers), DecompressionBombError (a
+            # header claiming more than 2 gigapixels); not MemoryError or a bug
             if f == folder:
                 raise ValueError(f"{flag} {f}: cannot be read as an image ({type(e).__name__}); "
                                  "pass a JPEG/PNG/WebP/BMP file") from None
