@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import ddim
 import sd
 import shifts
@@ -82,7 +83,7 @@ def check_args(a):
     is loaded or written."""
     if not a.image:
         raise ValueError("no --image: pass the photo to edit, e.g. --image cat.jpg")
-    train.image_files(Path(a.image), "--image")  # it exists (read once the resolution is known)
+    data.image_files(Path(a.image), "--image")  # it exists (read once the resolution is known)
     if not a.prompt or not a.prompt.strip():
         raise ValueError("--prompt is empty: describe the input image, e.g. --prompt 'a photo of a cat'")
     if not a.edit:
@@ -227,7 +228,7 @@ def main(argv=None):
     a = parse_args(argv)
     t = resolve(a)
     out = Path(a.out)
-    loaded = train.load_image_folder(Path(a.image), a.resolution, "--image")  # train.py's image handling
+    loaded = data.load_image_folder(Path(a.image), a.resolution, "--image")  # train.py's image handling
     image, crop = loaded[0][0], loaded[2][0]
     # SDXL's micro-conditioning of the inversion and of the edits: the image's own (as in its fine-tuning), its
     # original size and centre crop, made at R x R

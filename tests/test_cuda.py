@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import bench
+import data
 import ddim
 import edit
 import sample
@@ -94,7 +95,7 @@ def fixed_loss(lane, shift_file=None):
     """ε-MSE on the dog photos at FIXED noise and timesteps, in fp32 on the lane's device, with or without a
     shift file (forced: the file may come from weights loaded in half precision)."""
     model = load_with_shifts(lane / "model.safetensors", shift_file, force=True, vocab=BPE_VOCAB, device=DEVICE)
-    images, _, _ = train.load_image_folder(lane / "dog", 64)
+    images, _, _ = data.load_image_folder(lane / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images).to(DEVICE))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor

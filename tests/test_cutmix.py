@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import ddim
 import sd
 import svdiff
@@ -136,7 +137,7 @@ def fixed_unmix_loss(root, shift_file=None):
     model = load_with_shifts(root / "model", shift_file)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        z = {n: model.vae.encode(torch.stack(train.load_image_folder(root / n, 64)[0]))[0] * model.vae.cfg.scaling_factor
+        z = {n: model.vae.encode(torch.stack(data.load_image_folder(root / n, 64)[0]))[0] * model.vae.cfg.scaling_factor
              for n in ("dog", "sculpture")}
         total = 0.0
         for left, right in (("dog", "sculpture"), ("sculpture", "dog")):

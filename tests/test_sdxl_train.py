@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import ddim
 import edit
 import sd
@@ -74,7 +75,7 @@ def expected_crop(h, w, resolution=R):
 
 
 def test_load_image_gives_each_images_original_size_and_crop_corners(xl, tmp_path):
-    images, _, crops = train.load_image_folder(xl / "dog", R)
+    images, _, crops = data.load_image_folder(xl / "dog", R)
     assert [tuple(c) for c in crops] == [expected_crop(h, w) for h, w in SIZES]
     # the corners are where the pixels come from: the unresized image, and its mirror image for a flipped draw
     original = torch.from_numpy(np.array(Image.open(xl / "dog" / "0.png"))).permute(2, 0, 1).float() / 127.5 - 1
@@ -86,7 +87,7 @@ def test_load_image_gives_each_images_original_size_and_crop_corners(xl, tmp_pat
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.open(xl / "dog" / "0.png").save(tmp_path / "turned.jpg", exif=exif)
-    _, crop, _ = train.load_image(tmp_path / "turned.jpg", R)
+    _, crop, _ = data.load_image(tmp_path / "turned.jpg", R)
     assert tuple(crop) == expected_crop(101, 64)
 
 
@@ -120,7 +121,7 @@ def test_each_rows_time_ids_are_its_own_images_original_size_and_crop_flipped_or
     # both text encoders train with the UNet (and the model comes back in eval mode)
     assert [calls[i + 1][2] for i, (kind, *_) in enumerate(calls) if kind == "z"] == [(True, True, True)] * 5
     assert modes(model) == (False, False, False)
-    images, _, _ = train.load_image_folder(xl / "dog", R)
+    images, _, _ = data.load_image_folder(xl / "dog", R)
     with torch.no_grad():
         means = torch.stack([torch.cat([model.vae.encode(x[None])[0], model.vae.encode(x[None].flip(-1))[0]])
                              for x in images]) * model.vae.cfg.scaling_factor  # [image, flipped, 4, 8, 8]
@@ -172,7 +173,7 @@ def fixed_loss(xl, shift_file=None):
     the trained shifts."""
     from conftest import load_with_shifts
     model = load_with_shifts(xl / "model.safetensors", shift_file)
-    images, _, crops = train.load_image_folder(xl / "dog", R)
+    images, _, crops = data.load_image_folder(xl / "dog", R)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images))[0].repeat(3, 1, 1, 1) * model.vae.cfg.scaling_factor

@@ -15,6 +15,7 @@ from PIL import Image
 import ddim
 import sd
 import shifts
+import data
 import svdiff
 import tiny
 import train
@@ -49,7 +50,7 @@ def instance_loss(setup, shift_file=None, model=None):
     timesteps, with or without the trained shifts."""
     from conftest import load_with_shifts
     model = load_with_shifts(model or setup / "model", shift_file)
-    images, _, _ = train.load_image_folder(setup / "dog", 64)
+    images, _, _ = data.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor
@@ -264,45 +265,6 @@ def test_common_word_token_warns(setup, tmp_path):
     args[args.index("--token") + 1] = "dog"
     r = run(*args)
     assert r.returncode == 0 and "common word" in r.stderr and "sks" in r.stderr
-
-
-def test_images_of_every_kind_become_rgb_squares(tmp_path, capsys):
-    rng = np.random.default_rng(1)
-    rgb = (rng.random((60, 90, 3)) * 255).astype("uint8")
-    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
-    Image.fromarray((rng.random((70, 50)) * 65535).astype("uint16")).save(tmp_path / "grey16.png")
-    Image.fromarray(rgb).save(tmp_path / "photo.webp")
-    Image.fromarray(rgb).save(tmp_path / "photo.bmp")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90° when shown
-    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif)
-    (tmp_path / "rotated.txt").write_text("a photo of sks dog on a sofa\n")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    images, captions, _ = train.load_image_folder(tmp_path, 64)
-    assert len(images) == 5 and all(x.shape == (3, 64, 64) for x in images)
-    assert all(-1 <= x.min() and x.max() <= 1 for x in images)
-    names = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".txt" and p.name != "broken.png")
-    assert captions[names.index("rotated.jpg")] == "a photo of sks dog on a sofa"
-    err = capsys.readouterr().err
-    assert "broken.png" in err and "upscaled" in err
-    # EXIF orientation 6 applied: the same as an image already turned 90° clockwise
-    smooth = np.kron(rng.random((6, 9, 3)) * 255, np.ones((10, 10, 1))).astype("uint8")
-    Image.fromarray(smooth).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    Image.fromarray(smooth).transpose(Image.Transpose.ROTATE_270).save(tmp_path / "turned.png")
-    Image.fromarray(smooth).save(tmp_path / "unturned.png")
-    rotated, _, _ = train.load_image(tmp_path / "rotated.jpg", 64)
-    assert (rotated - train.load_image(tmp_path / "turned.png", 64)[0]).abs().mean() < 0.05
-    assert (rotated - train.load_image(tmp_path / "unturned.png", 64)[0]).abs().mean() > 0.1
-
-
-def test_huge_photos_are_not_taken_for_decompression_bombs(tmp_path, monkeypatch):
-    """PIL refuses images over 2 x MAX_IMAGE_PIXELS (179 MP by default; phones take 200 MP): shrink the limit so
-    that a small image stands for a huge one."""
-    from PIL import Image as PILImage
-    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
-    Image.fromarray(np.zeros((100, 300, 3), "uint8")).save(tmp_path / "huge.png")
-    x, _, warning = train.load_image(tmp_path / "huge.png", 64)
-    assert x.shape == (3, 64, 64) and warning is None
 
 
 def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(setup, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,101 @@
+"""Training images: the user's photos (and the generated class images) as tensors, for train.py and edit.py.
+
+A folder of JPEG/PNG/WebP/BMP files, or one file; a same-named .txt beside an image is its caption. Each image is
+turned upright (EXIF), made RGB (transparency on white), its shorter side resized to the training resolution and
+centre-cropped; where the square came from (`Crop`) is SDXL's micro-conditioning. Damaged files of a folder are
+skipped with one warning listing them.
+"""
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# The user's own photos, not uploads: a 200 MP camera file is no decompression bomb (PIL's default limit is 89 MP,
+# an error above 179 MP). A limit stays, far above any camera, so that a damaged header claiming 100k x 100k pixels
+# is refused at open (PIL raises DecompressionBombError above twice this) instead of allocating 30 GB.
+MAX_PIXELS = 1_000_000_000
+
+
+class Crop(NamedTuple):
+    """Where a training image's R x R square comes from, in pixels, for SDXL's micro-conditioning (the time ids,
+    as diffusers' DreamBooth-SDXL script makes them): `original_size` (h, w) of the image before resizing (after its
+    EXIF orientation), and the crop's (top, left) corner in the resized image, `top_left`; `flipped_top_left` is
+    that corner in the mirrored resized image, whose crop is the mirror of ours (--flip), so its left offset is
+    measured from the other side."""
+    original_size: tuple[int, int]
+    top_left: tuple[int, int]
+    flipped_top_left: tuple[int, int]
+
+
+def load_image(path: Path, resolution: int):
+    """One training image as a [3, R, R] tensor in [-1, 1]: EXIF orientation applied, any mode converted to RGB,
+    shorter side resized to R (upscaling small images), centre crop. Returns (tensor, Crop, warning or None)."""
+    from PIL import Image, ImageOps
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits before RGB
+            im = im.point(lambda v: v / 256).convert("L")
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")  # transparency composited on white, not black
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+        w, h = original = im.size
+        warning = None
+        if min(w, h) < resolution:
+            warning = f"{path.name} is {w}x{h}, smaller than --resolution {resolution}: upscaled"
+        scale = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                       Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+    crop = Crop(original[::-1], (top, left), (top, w - resolution - left))
+    return x.permute(2, 0, 1).float() / 127.5 - 1, crop, warning
+
+
+def image_files(folder: Path, flag: str = "--images") -> list[Path]:
+    """The images `folder` names: its JPEG/PNG/WebP/BMP files, sorted by name, or itself when it is a file."""
+    if folder.is_file():
+        return [folder]
+    if folder.is_dir():
+        return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    raise ValueError(f"{flag} {folder}: no such folder or image file; pass a JPEG/PNG/WebP/BMP image or a "
+                     "folder of them")
+
+
+def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
+    """All readable images of a folder, sorted by name, or the one image file `folder` names, with their
+    captions (a same-named .txt beside an image) and crops (`Crop`): (images, captions, crops). Unreadable files
+    of a folder are listed and skipped; an unreadable single file, or no usable image, is an error. `flag` names
+    the option in messages."""
+    from PIL import Image
+    files = image_files(folder, flag)
+    images, captions, crops, bad = [], [], [], []
+    for f in files:
+        try:
+            x, crop, warning = load_image(f, resolution)
+        except (OSError, SyntaxError, ValueError, OverflowError, Image.DecompressionBombError) as e:
+            # what PIL raises for damaged files: OSError (UnidentifiedImageError, truncated data), SyntaxError
+            # (broken PNG chunks), ValueError and OverflowError (nonsense BMP headers), DecompressionBombError (a
+            # header claiming more than 2 gigapixels); not MemoryError or a bug
+            if f == folder:
+                raise ValueError(f"{flag} {f}: cannot be read as an image ({type(e).__name__}); "
+                                 "pass a JPEG/PNG/WebP/BMP file") from None
+            bad.append(f"{f.name} ({type(e).__name__})")
+            continue
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        images.append(x)
+        crops.append(crop)
+        txt = f.with_suffix(".txt")
+        captions.append(txt.read_text().strip() if txt.is_file() else None)
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable file(s) in {folder}: {', '.join(bad)}", file=sys.stderr)
+    if not images:
+        raise ValueError(f"{flag} {folder}: no usable images (JPEG/PNG/WebP/BMP); add 3-5 photos of the subject")
+    return images, captions, crops
