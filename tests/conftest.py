@@ -68,3 +68,13 @@ def load_with_shifts(model_path, shift_file=None, force=False, **load_args):
         svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
         shifts.load_shift_file(model, shift_file, force=force)
     return model
+
+
+def random_deltas_(model, seed: int):
+    """Fill every δ of `model` with random shifts of a trained run's size: N(0, mean σ) on a matrix's singular
+    values, N(0, 0.05) on a norm's γ."""
+    import svdiff
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in svdiff.shifts(model):
+            m.delta.copy_(torch.randn(m.delta.shape, generator=g) * (0.05 if m.kind == "norm" else m.sigma.mean()))

@@ -10,6 +10,7 @@ import sd
 import shifts
 import svdiff
 import tiny
+from conftest import random_deltas_
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -21,10 +22,7 @@ def trained(tmp_path, bpe_vocab):
     tiny.write_single_file(path, "sd2")
     model = sd.load(path, vocab=bpe_vocab)
     svdiff.add_spectral_shifts(model, progress=False)
-    g = torch.Generator().manual_seed(0)
-    for _, m in svdiff.shifts(model):
-        with torch.no_grad():
-            m.delta.copy_(torch.randn(m.delta.shape, generator=g) * (0.05 if m.kind == "norm" else m.sigma.mean()))
+    random_deltas_(model, 0)
     shifts.save_shift_file(model, tmp_path / "shifts.safetensors")
     return model, path, tmp_path / "shifts.safetensors"
 
@@ -139,10 +137,7 @@ def test_cli_export_merged_keeps_an_fp16_checkpoint_fp16_with_the_shifts_baked_i
     tiny.write_single_file(base, "sd1", dtype=torch.float16)
     model = sd.load(base, vocab=bpe_vocab)
     svdiff.add_spectral_shifts(model, progress=False)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, m in svdiff.shifts(model):
-            m.delta.copy_(torch.randn(m.delta.shape, generator=g) * (0.05 if m.kind == "norm" else m.sigma.mean()))
+    random_deltas_(model, 1)
     shifts.save_shift_file(model, tmp_path / "shifts.safetensors")
     out = tmp_path / "merged.safetensors"
     r = cli("export-merged", tmp_path / "shifts.safetensors", "--model", base, "--vocab", bpe_vocab, "--out", out)

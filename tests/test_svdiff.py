@@ -261,21 +261,26 @@ def test_sd15_counts_are_the_papers():
     assert count("up") + count("down") + count("mid") < count("unet")
 
 
+def write_all_shifts(model, folder):
+    """A shift file of every δ of `all` (zeros, the original key names) in fp32 and in fp16: their sizes."""
+    from safetensors.torch import save_file
+    tensors = {sd.checkpoint_key(c, n + ".weight", model.family): torch.zeros(svdiff.shift_length(m))
+               for c, n, m in svdiff.shiftable_modules(model)}
+    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": model.family, "subset": "all", "rank": "",
+            "fingerprint": "0" * 16}
+    save_file(tensors, str(folder / "s.safetensors"), metadata=meta)
+    save_file({k: v.half() for k, v in tensors.items()}, str(folder / "h.safetensors"), metadata=meta)
+    return os.path.getsize(folder / "s.safetensors"), os.path.getsize(folder / "h.safetensors")
+
+
 def test_sd15_all_shift_file_size(tmp_path):
     """Every δ of SD1.5 `all` in fp32, with the original key names: within 1.65 MiB."""
-    from safetensors.torch import save_file
     with torch.device("meta"):
         model = sd.StableDiffusion(unet_lib.UNet(unet_lib.UNetConfig()), None,
                                    clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
-    tensors = {sd.checkpoint_key(c, n + ".weight", "sd1"): torch.zeros(svdiff.shift_length(m))
-               for c, n, m in svdiff.shiftable_modules(model)}
-    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sd1", "subset": "all", "rank": "",
-            "fingerprint": "0" * 16}
-    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
-    size = os.path.getsize(tmp_path / "s.safetensors")
+    size, half_size = write_all_shifts(model, tmp_path)
     assert size <= 1.65 * 2 ** 20, size
-    save_file({k: v.half() for k, v in tensors.items()}, str(tmp_path / "h.safetensors"), metadata=meta)
-    assert os.path.getsize(tmp_path / "h.safetensors") < 0.55 * size
+    assert half_size < 0.55 * size
 
 
 def sdxl_on_meta():
@@ -320,18 +325,12 @@ def test_sdxl_counts_are_those_of_its_architecture():
 def test_sdxl_all_shift_file_size_and_info(tmp_path, capsys):
     """Every δ of SDXL `all` in fp32 with the single file's key names: 5.98 MiB (README), half in fp16; `shifts.py
     info` counts them per component."""
-    from safetensors.torch import save_file
     model = sdxl_on_meta()
-    tensors = {sd.checkpoint_key(c, n + ".weight", "sdxl"): torch.zeros(svdiff.shift_length(m))
-               for c, n, m in svdiff.shiftable_modules(model)}
-    assert any(k.startswith("conditioner.embedders.1.model.") and k.endswith("in_proj_weight") for k in tensors)
-    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sdxl", "subset": "all", "rank": "",
-            "fingerprint": "0" * 16}
-    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
-    size = os.path.getsize(tmp_path / "s.safetensors")
+    size, half_size = write_all_shifts(model, tmp_path)
+    assert any(k.startswith("conditioner.embedders.1.model.") and k.endswith("in_proj_weight")
+               for k in shifts.read_shift_file(tmp_path / "s.safetensors")[0])
     assert size <= 6.0 * 2 ** 20, size
-    save_file({k: v.half() for k, v in tensors.items()}, str(tmp_path / "h.safetensors"), metadata=meta)
-    assert os.path.getsize(tmp_path / "h.safetensors") < 0.55 * size
+    assert half_size < 0.55 * size
     shifts.main(["info", str(tmp_path / "s.safetensors")])
     lines = capsys.readouterr().out.splitlines()
     for component, prefix, values in (("unet", "model.diffusion_model.", "1,203,880"),
