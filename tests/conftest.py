@@ -78,3 +78,18 @@ def random_deltas_(model, seed: int):
     with torch.no_grad():
         for _, m in svdiff.shifts(model):
             m.delta.copy_(torch.randn(m.delta.shape, generator=g) * (0.05 if m.kind == "norm" else m.sigma.mean()))
+
+
+def load_peak_rss(path, components, dtype="float32") -> int:
+    """Bytes of peak RSS that `sd.load(path, components=..., dtype=torch.<dtype>)` adds to a bare Python with torch
+    and sd imported, each measured in a fresh process so that the test process's own memory does not count. The
+    peak is VmHWM, which belongs to the process's own memory map: getrusage's ru_maxrss would carry over the peak of
+    the test process the child was forked from (Linux keeps it across exec), so a big test process hid the load."""
+    import subprocess
+    root = str(Path(__file__).resolve().parents[1])
+    base = f"import sys, torch; sys.path.insert(0, {root!r}); import sd; "
+    rss = "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+    probe = base + f"m = sd.load({str(path)!r}, components={tuple(components)!r}, dtype=torch.{dtype}); " + rss
+    peak = int(subprocess.check_output([sys.executable, "-c", probe]).split()[-1])
+    idle = int(subprocess.check_output([sys.executable, "-c", base + rss]).split()[-1])
+    return peak - idle

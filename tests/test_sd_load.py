@@ -1,10 +1,6 @@
 """sd.load reads both official layouts (single file, diffusers folder) and gives diffusers' numbers."""
 import pickle
 import shutil
-import subprocess
-import sys
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import sd
 import tiny
+from conftest import load_peak_rss
 
 
 def max_diffs(model, oracle):
@@ -235,15 +232,8 @@ def test_full_sd15_unet_from_fp16_file_matches_diffusers_with_bounded_memory(tmp
     del ckpt
     size = path.stat().st_size
 
-    # Peak RSS of the load, measured in a fresh process so the test process's own memory does not count.
-    root = str(Path(sd.__file__).parent)
-    base = f"import resource, sys, torch; sys.path.insert(0, {root!r}); import sd; "
-    rss = "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
-    probe = base + f"m = sd.load({str(path)!r}, components=('unet',)); " + rss
-    base += rss
-    peak = int(subprocess.check_output([sys.executable, "-c", probe]).split()[-1])
-    idle = int(subprocess.check_output([sys.executable, "-c", base]).split()[-1])
-    assert peak - idle < 2.5 * size, f"load peak RSS {(peak - idle) / 1e9:.2f} GB for a {size / 1e9:.2f} GB file"
+    peak = load_peak_rss(path, ("unet",))
+    assert peak < 2.5 * size, f"load peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB file"
 
     model = sd.load(path, components=("unet",), dtype=torch.float16)
     x = torch.randn(1, 4, 32, 32, generator=g)
@@ -258,6 +248,6 @@ def test_full_sd15_unet_from_fp16_file_matches_diffusers_with_bounded_memory(tmp
             load_file(str(path)), dict(oracle.config)).items()}, strict=True)
         ref = oracle(x, 999, encoder_hidden_states=ctx).sample
     err = float((ours - ref).abs().max())
-    print(f"full SD1.5 UNet parity: max abs diff {err:.2e}; load peak RSS {(peak - idle) / 1e9:.2f} GB = "
-          f"{(peak - idle) / size:.2f}x the {size / 1e9:.2f} GB file")
+    print(f"full SD1.5 UNet parity: max abs diff {err:.2e}; load peak RSS {peak / 1e9:.2f} GB = "
+          f"{peak / size:.2f}x the {size / 1e9:.2f} GB file")
     assert err <= 1e-4 * max(1.0, float(ref.abs().max())), err
