@@ -395,30 +395,27 @@ def test_full_size_vae_has_the_official_names_and_shapes():
 
 
 @pytest.mark.slow
-def test_full_size_text_encoders_stream_from_an_fp16_file_with_bounded_memory(tmp_path):
-    """SDXL's two text encoders at full size (ViT-L and bigG, 0.8 B parameters: the part of the file whose loading
-    renames, splits bigG's fused q/k/v and transposes its projection) from an fp16 single file with the official
-    names, loaded alone in fp16. The issue's bound is 2.5x the file; loaded in its own dtype the weights are one
-    copy plus the tensor in flight, so assert 1.5x: a loader holding the file's tensors beside the model's (2x)
-    fails. The SDXL UNet streams through the same code as SD1.5's (test_sd_load's full-size test)."""
+def test_full_size_single_file_streams_in_fp16_with_bounded_memory(tmp_path):
+    """SDXL base's whole architecture (3.46 B parameters: UNet, ViT-L, bigG, VAE) as an fp16 single file with the
+    official names, 6.9 GB like sd_xl_base_1.0.safetensors, loaded in fp16. The issue's bound is 2.5x the file;
+    loaded in its own dtype the weights are one copy (the VAE in fp32, force_upcast: +0.17 GB) plus the tensor in
+    flight, so assert 1.5x: a loader that held the file's bytes beside the model (2x) fails."""
     from safetensors.torch import save_file
-    g = torch.Generator().manual_seed(0)
-    ckpt = {}
+    vae_config = dict(tiny.SDXL_VAE_CONFIG, block_out_channels=(128, 256, 512, 512), layers_per_block=2)
     with torch.device("meta"):
-        modules = dict(text_encoder=clip_text.build_text_encoder(clip_text.config_from_diffusers(VIT_L, sdxl=True)),
-                       text_encoder_2=clip_text.build_text_encoder(clip_text.config_from_diffusers(BIGG, sdxl=True)),
-                       # a tiny UNet and VAE make it a whole checkpoint (their tensors are not read)
-                       unet=unet_lib.UNet(unet_lib.config_from_diffusers(tiny.sdxl_unet_config())),
-                       vae=vae_lib.VAE(vae_lib.config_from_diffusers(tiny.SDXL_VAE_CONFIG, "sdxl")))
-    for component, module in modules.items():
-        for k, v in module.state_dict().items():
-            ckpt[sd.checkpoint_key(component, k, "sdxl")] = (torch.randn(v.shape, generator=g) * 0.02).half()
-    path = tmp_path / "text.safetensors"
+        modules = dict(unet=unet_lib.UNet(unet_lib.config_from_diffusers(SDXL_UNET)),
+                       vae=vae_lib.VAE(vae_lib.config_from_diffusers(vae_config, "sdxl")),
+                       text_encoder=clip_text.build_text_encoder(clip_text.config_from_diffusers(VIT_L, sdxl=True)),
+                       text_encoder_2=clip_text.build_text_encoder(clip_text.config_from_diffusers(BIGG, sdxl=True)))
+    g = torch.Generator().manual_seed(0)
+    ckpt = {sd.checkpoint_key(component, k, "sdxl"): (torch.randn(v.shape, generator=g) * 0.02).half()
+            for component, module in modules.items() for k, v in module.state_dict().items()}
+    path = tmp_path / "sdxl.safetensors"
     save_file(ckpt, str(path))
     del ckpt
     size = path.stat().st_size
-    peak = load_peak_rss(path, ("text_encoder",), "float16")
-    print(f"SDXL text encoders: load peak RSS {peak / 1e9:.2f} GB = {peak / size:.2f}x the {size / 1e9:.2f} GB file")
+    peak = load_peak_rss(path, sd.COMPONENTS, "float16")
+    print(f"SDXL single file: load peak RSS {peak / 1e9:.2f} GB = {peak / size:.2f}x the {size / 1e9:.2f} GB file")
     assert peak < 1.5 * size, f"load peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB file"
 
 
