@@ -23,7 +23,9 @@ class Crop(NamedTuple):
     as diffusers' DreamBooth-SDXL script makes them): `original_size` (h, w) of the image before resizing (after its
     EXIF orientation), and the crop's (top, left) corner in the resized image, `top_left`; `flipped_top_left` is
     that corner in the mirrored resized image, whose crop is the mirror of ours (--flip), so its left offset is
-    measured from the other side."""
+    measured from the other side. (diffusers' script flips before its centre crop and reports the same corner
+    flipped or not; on an odd margin its flipped square is one pixel off the mirror of the unflipped one. Ours
+    is the mirror, and its corner says where it really is.)"""
     original_size: tuple[int, int]
     top_left: tuple[int, int]
     flipped_top_left: tuple[int, int]
@@ -47,11 +49,13 @@ def load_image(path: Path, resolution: int):
         warning = None
         if min(w, h) < resolution:
             warning = f"{path.name} is {w}x{h}, smaller than --resolution {resolution}: upscaled"
-        scale = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                       Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+        # The shorter side to R and the longer one truncated, as torchvision's Resize(R) sizes it, then the centre
+        # crop where torchvision's CenterCrop cuts (half the margin, rounded half to even): the squares (and, for
+        # SDXL, the crop corners) of diffusers' DreamBooth scripts
+        size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+        im = im.resize(size, Image.Resampling.BICUBIC if min(w, h) < resolution else Image.Resampling.LANCZOS)
         w, h = im.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
         im = im.crop((left, top, left + resolution, top + resolution))
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     crop = Crop(original[::-1], (top, left), (top, w - resolution - left))

@@ -61,12 +61,11 @@ def run(script, *argv):
 
 def expected_crop(h, w, resolution=R):
     """diffusers' DreamBooth-SDXL rule for an image of h x w: original_size (h, w) before resizing; the crop's
-    (top, left) in the image resized to shorter side R, where our centre crop cuts it (floor of half the margin;
-    torchvision's CenterCrop rounds half to even, one pixel apart on odd margins); flipped, the left offset in the
-    mirrored resized image: from the other side."""
-    scale = resolution / min(h, w)
-    H, W = round(h * scale), round(w * scale)  # exact for the SIZES
-    top, left = (H - resolution) // 2, (W - resolution) // 2
+    (top, left) in the image resized by torchvision's Resize(R) (shorter side R, the longer truncated), where its
+    CenterCrop cuts (half the margin, rounded half to even); flipped, the left offset in the mirrored resized
+    image: from the other side."""
+    H, W = (int(resolution * h / w), resolution) if w <= h else (resolution, int(resolution * w / h))
+    top, left = int(round((H - resolution) / 2.0)), int(round((W - resolution) / 2.0))
     return (h, w), (top, left), (top, W - resolution - left)
 
 
@@ -89,6 +88,11 @@ def test_load_image_gives_each_images_original_size_and_crop_corners(xl, tmp_pat
     Image.open(xl / "dog" / "0.png").save(tmp_path / "turned.jpg", exif=exif)
     _, crop, _ = data.load_image(tmp_path / "turned.jpg", R)
     assert tuple(crop) == expected_crop(101, 64)
+    # sizes where torchvision's truncation and rounding differ from round() and floor: a longer side of 96.67 ->
+    # 96 (margin 32 -> 16), margins 31 -> 16 and 33 -> 16 (half to even), an upscaled 45 x 71 -> 64 x 100
+    for h, w in [(96, 145), (128, 190), (64, 97), (45, 71), (145, 96)]:
+        Image.new("RGB", (w, h), (90, 120, 30)).save(tmp_path / "size.png")
+        assert tuple(data.load_image(tmp_path / "size.png", R)[1]) == expected_crop(h, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------
