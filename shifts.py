@@ -87,6 +87,15 @@ def check_shift_file(model, path, meta, force=False, hint=FORCE_HINT):
                          f"{fingerprint(model)}); {hint}")
 
 
+def fit_length(d: torch.Tensor, n: int, where: str) -> torch.Tensor:
+    """A δ for a layer with n shifts. A file trained with --rank k holds δ of the k largest singular values only:
+    the others' δ is 0, and ReLU(σ + 0) = σ leaves them as they were, so padding with zeros is exact (σ is in
+    descending order in every SVD here). A longer δ belongs to another layer."""
+    if d.shape[0] > n:
+        raise ValueError(f"{where}: δ of length {d.shape[0]}, expected at most {n}")
+    return F.pad(d, (0, n - d.shape[0]))
+
+
 def load_shift_file(model, path, scale=1.0, force=False):
     """Set the δ of a model with shifts added from a file (to continue from shifts)."""
     tensors, meta = read_shift_file(path)
@@ -95,10 +104,8 @@ def load_shift_file(model, path, scale=1.0, force=False):
     for k, d in tensors.items():
         if k not in layers:
             raise ValueError(f"{path}: key {k} is not a shifted layer of this model")
-        if d.shape != layers[k].delta.shape:
-            raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
         with torch.no_grad():
-            layers[k].delta.copy_(scale * d.float())
+            layers[k].delta.copy_(scale * fit_length(d.float(), layers[k].delta.shape[0], f"{path}: key {k}"))
 
 
 def parse_spec(spec: str):
@@ -143,10 +150,12 @@ def combine_files(specs, mix=None):
         for k, d in tensors.items():
             if mix is not None and in_layer_range(k, mix) != (i == 1):
                 continue
-            if k in combined and combined[k].shape != d.shape:
-                raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, the other files {combined[k].shape[0]}")
+            if k in combined:  # files of different --rank: the shorter δ is zero-padded (exact, see fit_length)
+                n = max(combined[k].shape[0], d.shape[0])
+                combined[k], d = F.pad(combined[k], (0, n - combined[k].shape[0])), F.pad(d, (0, n - d.shape[0]))
             combined[k] = combined.get(k, 0) + combine([d], [scale])
-    return combined, first_meta
+    ranks = [meta.get("rank", "") for _, (_, meta) in read]  # "": no limit
+    return combined, dict(first_meta, rank="" if "" in ranks else str(max(map(int, ranks))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,10 +289,8 @@ def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=No
         add_spectral_shifts(model, keys=set(combined), cache=cache, progress=True)
     layers = dict(shifts(model))
     for k, d in combined.items():
-        if d.shape != layers[k].delta.shape:
-            raise ValueError(f"key {k}: δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
         with torch.no_grad():
-            layers[k].delta.copy_(d)
+            layers[k].delta.copy_(fit_length(d, layers[k].delta.shape[0], f"key {k}"))
     if merged:
         bake(model)
     modules = {_key(model, c, n): m for c, n, m in shiftable_modules(model)}
