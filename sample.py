@@ -18,6 +18,7 @@ import torch
 
 import sd
 import shifts
+import svdiff
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -74,26 +75,25 @@ def check_args(a):
         raise ValueError(f"--steps must be between 1 and 1000, got {a.steps}")
     if a.num_images < 1 or (a.batch_size is not None and a.batch_size < 1):
         raise ValueError("--num-images and --batch-size must be at least 1")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    sd.check_device(a.device)
     for spec in a.shifts:
         if not shifts.parse_spec(spec)[0].is_file():
             raise ValueError(f"--shifts {spec}: no such file; pass the shifts.safetensors of a train.py run")
     sd.check_writable(Path(a.out or "out"), "--out")
 
 
-def resolve_sizes(a, model):
-    """The image size (default: sd.default_size, 512 or 1024 for SDXL) and SDXL's micro-conditioning (default: the
-    output size, crop 0 0, the output size, as diffusers' pipeline), known once the model is loaded; the
-    micro-conditioning flags are refused for a model without it."""
+def resolve_sizes(a, family: str):
+    """The image size (default: 512, SDXL 1024, sd.DEFAULT_SIZE) and SDXL's micro-conditioning (default: the output
+    size, crop 0 0, the output size, as diffusers' pipeline), from the model's family (sd.peek_family, before the
+    model is loaded); the micro-conditioning flags are refused for a model without it."""
     given = [f for f, v in (("--original-size", a.original_size), ("--crops-coords-top-left", a.crops_coords_top_left),
                             ("--target-size", a.target_size)) if v is not None]
-    if given and model.family != "sdxl":
-        raise ValueError(f"{', '.join(given)}: SDXL's micro-conditioning, but the model is {model.family} (no "
+    if given and family != "sdxl":
+        raise ValueError(f"{', '.join(given)}: SDXL's micro-conditioning, but the model is {family} (no "
                          "label_emb); leave them out")
-    a.height = a.height or sd.default_size(model)
-    a.width = a.width or sd.default_size(model)
-    if model.family == "sdxl":
+    a.height = a.height or sd.DEFAULT_SIZE[family]
+    a.width = a.width or sd.DEFAULT_SIZE[family]
+    if family == "sdxl":
         a.original_size = a.original_size or [a.height, a.width]
         a.crops_coords_top_left = a.crops_coords_top_left or [0, 0]
         a.target_size = a.target_size or [a.height, a.width]
@@ -118,9 +118,9 @@ def main(argv=None):
     a.dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     a.batch_size = a.batch_size or a.num_images
     a.model = sd.choose_model(a.model, shifts.parse_spec(a.shifts[0])[0] if a.shifts else None)
+    resolve_sizes(a, sd.peek_family(a.model, half=sd.DTYPES[a.dtype] in sd.HALF))
     model = sd.load(a.model, device=a.device, dtype=sd.DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
     a.prediction_type = model.prediction_type
-    resolve_sizes(a, model)
     if a.shifts:
         shifts.apply_shift_files(model, a.shifts, force=a.force, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
@@ -136,10 +136,11 @@ def main(argv=None):
     out = Path(a.out) if a.out else new_folder(Path("out"))
     out.mkdir(parents=True, exist_ok=True)
     a.out = str(out)
-    for i, im in enumerate(images):
-        im.save(out / f"{i:03d}.png")
-    sd.grid(images).save(out / "grid.png")
-    (out / "sample_config.json").write_text(json.dumps(vars(a), indent=2))
+    for i, im in enumerate(images):  # each file whole or not at all (Ctrl-C, a full disk)
+        svdiff.atomic_write(lambda p: im.save(p, format="PNG"), out / f"{i:03d}.png")
+    grid = sd.grid(images)
+    svdiff.atomic_write(lambda p: grid.save(p, format="PNG"), out / "grid.png")
+    svdiff.atomic_write(lambda p: p.write_text(json.dumps(vars(a), indent=2)), out / "sample_config.json")
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 

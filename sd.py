@@ -561,6 +561,16 @@ def grid(images):
     return g
 
 
+def check_device(device: str):
+    """A --device that torch knows, and CUDA only where there is a CUDA device (before anything is loaded)."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+
+
 def check_writable(out: Path, flag: str):
     """--out must be creatable/writable, checked without creating anything (nothing is written on bad input)."""
     if out.exists() and not out.is_dir():
