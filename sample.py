@@ -76,6 +76,8 @@ def check_args(a):
     if a.num_images < 1 or (a.batch_size is not None and a.batch_size < 1):
         raise ValueError("--num-images and --batch-size must be at least 1")
     sd.check_device(a.device)
+    if a.svd_cache:
+        svdiff.check_svd_cache(a.svd_cache)
     for spec in a.shifts:
         if not shifts.parse_spec(spec)[0].is_file():
             raise ValueError(f"--shifts {spec}: no such file; pass the shifts.safetensors of a train.py run")

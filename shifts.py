@@ -110,7 +110,7 @@ def load_shift_file(model, path, scale=1.0, force=False):
 
 def parse_spec(spec: str):
     """FILE[:SCALE] -> (path, scale)."""
-    m = re.fullmatch(r"(.+):(-?[\d.]+(?:e-?\d+)?)", spec)
+    m = re.fullmatch(r"(.+):(-?(?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)", spec)
     return (Path(m[1]), float(m[2])) if m else (Path(spec), 1.0)
 
 
@@ -123,7 +123,7 @@ def in_layer_range(key: str, ranges) -> bool:
             k = re.search(rf"\b{m[1]}\.(\d+)\.", key)
             if k and int(m[2]) <= int(k[1]) <= int(m[3]):
                 return True
-        elif r in key:
+        elif re.search(rf"(^|\.){re.escape(r)}(\.|$)", key):  # whole name parts: input_blocks.1 is not .10
             return True
     return False
 
@@ -469,6 +469,9 @@ def main(argv=None):
     for path, _ in map(parse_spec, a.files if a.command == "combine" else getattr(a, "shifts", [])):
         if not path.is_file():  # before loading a model
             raise FileNotFoundError(f"{path}: no such shift file")
+    if Path(a.out).is_dir():  # (every command but info writes --out; checked before minutes of SVD)
+        raise ValueError(f"--out {a.out} is a folder; name the file to write, e.g. {Path(a.out) / 'out.safetensors'}")
+    sd.check_writable(Path(a.out).parent, "--out")
     if a.command == "combine":
         combined, meta = combine_files(a.files, a.mix)
         meta = dict(meta, subset=f"combined({', '.join(a.files)})")

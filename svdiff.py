@@ -548,10 +548,30 @@ def _weights_dtype(model) -> torch.dtype:
                 for n, p in getattr(model, c).named_parameters() if not n.endswith("delta")).dtype
 
 
+def check_svd_cache(path):
+    """--svd-cache names a new file or an SVD cache (ours: a fingerprint and U/S/Vh tensors), which may be
+    overwritten; a model checkpoint or a shift file named by mistake must never be replaced. The scripts call it
+    before loading anything."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ours = "fingerprint" in (f.metadata() or {}) and all(k.rsplit(".", 1)[-1] in ("U", "S", "V", "Vh")
+                                                                 for k in f.keys())
+    except Exception:  # safetensors raises its own SafetensorError (not a ValueError) for a file it cannot read
+        ours = False
+    if not ours:
+        raise ValueError(f"--svd-cache {path} is not an SVD cache (a checkpoint or shift file?) and would be "
+                         "overwritten; name a new file, which the SVD is then saved to")
+
+
 def load_svd_cache(path, model) -> dict:
     path = Path(path)
     if not path.is_file():
         return {}
+    check_svd_cache(path)
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -582,7 +602,8 @@ def save_svd_cache(path, model, factors: dict):
 
 
 def atomic_write(write, path: Path):
-    """Temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Temp file in the same folder (created if missing), then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)

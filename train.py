@@ -137,6 +137,8 @@ def check_args(a):
     if a.subset not in svdiff.SUBSETS:
         raise ValueError(f"--subset {a.subset!r} is not one of {', '.join(svdiff.SUBSETS)}")
     sd.check_device(a.device)
+    if a.svd_cache:
+        svdiff.check_svd_cache(a.svd_cache)
     out = Path(a.out)
     sd.check_writable(out, "--out")
     if a.resume and a.overwrite:

@@ -98,6 +98,10 @@ def test_cli_errors_are_one_line(trained, tmp_path):
     assert r.returncode == 1 and "no such shift file" in r.stderr and "Traceback" not in r.stderr
     r = cli("export-merged", path, "--model", tmp_path, "--out", tmp_path / "m.safetensors")
     assert r.returncode == 1 and "folder" in r.stderr and not (tmp_path / "m.safetensors").exists()
+    r = cli("combine", path, "--out", tmp_path)
+    assert r.returncode == 1 and "is a folder; name the file" in r.stderr and "Traceback" not in r.stderr
+    r = cli("combine", path, "--out", tmp_path / "new" / "sum.safetensors")  # its folder is made
+    assert r.returncode == 0 and (tmp_path / "new" / "sum.safetensors").is_file(), r.stderr
     # a missing shift file is named (its :SCALE parsed off) before any model is loaded
     r = cli("export-lora", tmp_path / "nope.safetensors:0.5", "--model", tmp_path / "no-model.safetensors",
             "--out", tmp_path / "l.safetensors")
@@ -190,3 +194,14 @@ def test_a_rank_limited_file_applies_and_combines_as_trained(tmp_path, bpe_vocab
         short = shifts.read_shift_file(tmp_path / "rank2.safetensors")[0][k]
         assert torch.equal(combined[k][:len(short)], short + m.delta.detach()[:len(short)])
         assert torch.equal(combined[k][len(short):], m.delta.detach()[len(short):])
+
+
+def test_a_named_layer_range_is_whole_name_parts():
+    """--mix input_blocks.1 is that block, not blocks 10 and 11 (SD1.5 has 12); a range takes its numbers."""
+    key = "model.diffusion_model.{}.0.proj_in.weight".format
+    assert shifts.in_layer_range(key("input_blocks.1"), ["input_blocks.1"])
+    assert not shifts.in_layer_range(key("input_blocks.10"), ["input_blocks.1"])
+    assert not shifts.in_layer_range(key("output_blocks.11"), ["output_blocks.1"])
+    assert shifts.in_layer_range(key("input_blocks.10"), ["input_blocks.4-10"])
+    assert not shifts.in_layer_range(key("input_blocks.11"), ["input_blocks.4-10"])
+    assert shifts.in_layer_range("model.diffusion_model.middle_block.1.proj_in.weight", ["middle_block"])

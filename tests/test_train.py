@@ -241,6 +241,8 @@ def test_sd2_v_prediction_trains_on_the_v_target_and_lowers_the_v_loss(setup, tm
     ("class steps", "--class-steps must be between 1 and 1000"),
     ("device name", "--device 'gpu' is not a device"),
     ("empty token", "--token is empty"),
+    ("svd cache is a checkpoint", "is not an SVD cache"),
+    ("svd cache is not safetensors", "is not an SVD cache"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, words):
     out = tmp_path / "out"
@@ -263,6 +265,15 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
                  "class steps": ["--class-steps", "0"], "device name": ["--device", "gpu"]}[case]
     elif case == "empty token":
         args[args.index("--token") + 1] = " "
+    elif case.startswith("svd cache"):  # a checkpoint named by mistake: never overwritten
+        from safetensors.torch import save_file
+        cache = tmp_path / "v1-5.safetensors"
+        if case.endswith("checkpoint"):
+            save_file({"model.diffusion_model.out.2.weight": torch.ones(3)}, str(cache))
+        else:
+            cache.write_bytes(b"PK not a safetensors file")
+        args += ["--svd-cache", cache]
+        kept = cache.read_bytes()
     elif case == "nan":
         args += ["--lr", "1e30", "--save-every", "1"]  # δ_1 = ±1e30: finite, but its loss is not
     r = run(*args, env=env)
@@ -270,6 +281,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
     assert words in r.stderr and "Traceback" not in r.stderr
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1
+    if case.startswith("svd cache"):
+        assert cache.read_bytes() == kept
     if case != "nan":
         assert not out.exists()
     else:  # no shift file whose δ gave a finite loss existed yet, so none was written
