@@ -5,7 +5,8 @@ is factored once, W = U diag(σ) Vᵀ, and a "spectral shift" δ is trained (Eq.
 
     W_δ = U diag(ReLU(σ + δ)) Vᵀ,   computed as   W + U diag(ReLU(σ + δ) - σ) Vᵀ
 
-so that δ = 0 gives W exactly (the authors add the SVD residual back for the same reason). Norm scales γ get a
+where W is read (the dense path, `merge`), so that δ = 0 gives W exactly (the authors add the SVD residual back for
+the same reason); the factored path computes with the factors themselves, exact up to the SVD's rounding (≤ 1e-6). Norm scales γ get a
 full-length additive shift γ + δ, as in the official code. Biases stay frozen.
 
 Shift files (the δ on disk, combining them, applying them to a model) are in shifts.py.
@@ -243,8 +244,8 @@ class SpectralShift(nn.Module):
             return F.embedding(x, self.base.weight) + \
                 (self.U[x] * self.delta_sigma().to(self.U.dtype)) @ self.Vh
         mode = self.mode if self.mode != "auto" else self.cheapest(x)
-        if mode == "naive":
-            return self._apply(x, self.naive_weight())
+        if mode == "naive":  # (rank-limited: the k factors are not all of W, so W + ΔW)
+            return self._apply(x, self.naive_weight() if self.full_rank else self.base.weight + self.delta_weight())
         if mode == "dense":  # (with W dropped for training, W_δ comes from the factors)
             return self._apply(x, self.naive_weight() if self.dropped else self.base.weight + self.delta_weight())
         return self._factored(x)
