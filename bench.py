@@ -58,8 +58,8 @@ SVD_SAMPLE_EVERY = 8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+                                formatter_class=sd.HelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to measure")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (latents are 1/8)")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions per method (after one warm-up)")
     p.add_argument("--json", default=None, help="write every figure to this file")

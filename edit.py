@@ -31,7 +31,7 @@ import train
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     p.add_argument("--image", default=None, help="the photo to edit (JPEG/PNG/WebP/BMP)")
     p.add_argument("--prompt", default=None, help="describes the input image, no special token: 'a photo of a cat'")
     p.add_argument("--edit", action="append", default=None,

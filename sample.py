@@ -22,20 +22,20 @@ import svdiff
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="SD 1.x/2.x/XL single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
                         f"(default: the base model the first --shifts file records, else $SVDIFF_MODEL, else "
                         f"{sd.DEFAULT_MODEL})")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what to draw, e.g. 'a photo of sks dog in the snow'")
     p.add_argument("--negative-prompt", default="", help="the unconditional half of guidance; \"\" is none "
                    "(SDXL: zeros, diffusers' negative_prompt=None; SD 1.x/2.x: the empty prompt)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--height", type=int, default=None, help="default: 512 for SD 1.x/2.x, 1024 for SDXL")
     p.add_argument("--width", type=int, default=None, help="default: 512 for SD 1.x/2.x, 1024 for SDXL")
     # SDXL's micro-conditioning (label_emb): the sizes and crop it was told its training images had
@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="SDXL: the crop's top-left corner to condition on (default: 0 0)")
     p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="SDXL: the target image size to condition on (default: the output size)")
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-images", type=int, default=4, help="images to draw")
     p.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (default: all at once)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="override the model's (from scheduler_config.json, else epsilon)")
@@ -54,7 +54,7 @@ def parse_args(argv=None):
                         "spectral_shifts.safetensors (its _te file beside it is read with it)")
     p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", choices=list(sd.DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--out", default=None, help="output folder (default: a new numbered folder under out/, never "
                    "one an earlier run wrote)")

@@ -11,6 +11,7 @@ short `diffusers_to_original` rename rule. Weights stream tensor by tensor into 
 device, so the process never holds two copies of the model. A Hugging Face Hub id (`owner/name[@revision]`) is
 resolved to a layout-(b) folder in the Hub cache that diffusers and transformers share (hub.py).
 """
+import argparse
 import json
 import math
 import os
@@ -561,6 +562,16 @@ def grid(images):
     for i, im in enumerate(images):
         g.paste(im, ((i % cols) * w, (i // cols) * h))
     return g
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' --help: each flag's default after its help, unless the help already says what the default is
+    (one that depends on other flags or on the model: `default=None`)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_device(device: str):

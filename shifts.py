@@ -97,7 +97,7 @@ def fit_length(d: torch.Tensor, n: int, where: str) -> torch.Tensor:
 
 
 def load_shift_file(model, path, scale=1.0, force=False):
-    """Set the δ of a model with shifts added from a file (to continue from shifts)."""
+    """Set the δ of a model that has shifts added (trainable, unmerged) from a file, times `scale`."""
     tensors, meta = read_shift_file(path)
     check_shift_file(model, path, meta, force)
     layers = dict(shifts(model))
@@ -415,38 +415,38 @@ def export_merged(model, source, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Inspect, combine and export SVDiff shift files.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what a shift file holds")
     info.add_argument("file")
     comb = sub.add_parser("combine", help="Σ sᵢδᵢ of several files (Eq. 4-5), or style mixing of two",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=sd.HelpFormatter)
     comb.add_argument("files", nargs="+", metavar="FILE[:SCALE]")
     comb.add_argument("--mix", nargs="+", default=None, metavar="RANGE",
                       help="style mixing: these layer ranges (e.g. input_blocks.4-8, middle_block) from the second "
                            "file, all other layers from the first")
     comb.add_argument("--half", action="store_true", help="store fp16")
-    comb.add_argument("--out", required=True)
+    comb.add_argument("--out", required=True, help="the combined shift file to write")
     for name, helptext in (("export-lora", "a kohya-format LoRA for AUTOMATIC1111 / ComfyUI"),
                            ("export-merged", "a single-file checkpoint with the shifts baked in")):
-        e = sub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        e = sub.add_parser(name, help=helptext, formatter_class=sd.HelpFormatter)
         e.add_argument("shifts", metavar="FILE[:SCALE]", nargs="+")
         e.add_argument("--model", default=None, help="the base model the shifts were trained on: a single file"
                        + (", diffusers folder or Hub id owner/name[@revision]" if name == "export-lora" else "")
                        + " (default: the base model the first shift file records)")
         e.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: shipped)")
         e.add_argument("--force", action="store_true", help="apply even if the base-model fingerprint differs")
-        e.add_argument("--out", required=True)
+        e.add_argument("--out", required=True, help="the file to write")
         if name == "export-lora":
-            e.add_argument("--rank", type=int, default=4)
+            e.add_argument("--rank", type=int, default=4, help="LoRA rank: the k largest terms of each ΔW")
     conv = sub.add_parser("convert", help="an svdiff-pytorch spectral_shifts.safetensors (and its _te file) in our "
-                                          "format", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                          "format", formatter_class=sd.HelpFormatter)
     conv.add_argument("file", help="svdiff-pytorch's spectral_shifts.safetensors")
     conv.add_argument("te_file", nargs="?", default=None,
                       help="its spectral_shifts_te.safetensors (default: the one beside FILE, if any)")
     conv.add_argument("--model", required=True, help="the base model the shifts were trained on")
     conv.add_argument("--vocab", default=None, help="CLIP BPE vocabulary (single-file models)")
-    conv.add_argument("--out", required=True)
+    conv.add_argument("--out", required=True, help="the shift file to write, in our format")
     a = p.parse_args(argv)
 
     if a.command == "info":

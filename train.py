@@ -35,7 +35,7 @@ import svdiff
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     p.add_argument("--images", action="append", required=True,
                    help="folder of subject images (3-5 is typical), or one image file")
     p.add_argument("--token", action="append", default=None,
@@ -47,13 +47,15 @@ def parse_args(argv=None):
                         f"(default: $SVDIFF_MODEL, else {sd.DEFAULT_MODEL}; with --resume, the run's own)")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
-    p.add_argument("--instance-prompt", default="a photo of {token} {class}")
-    p.add_argument("--class-prompt", default="a photo of a {class}")
+    p.add_argument("--instance-prompt", default="a photo of {token} {class}",
+                   help="prompt of the subject's images ({token}, {class} filled in)")
+    p.add_argument("--class-prompt", default="a photo of a {class}", help="prompt of the class images")
     p.add_argument("--no-captions", action="store_true",
                    help="ignore .txt captions beside the images: every image gets --instance-prompt")
     # Cut-Mix-Unmix (several subjects: --images/--token pairs; 0.6 is the paper's probability)
     p.add_argument("--cutmix-prob", type=float, default=0.6, help="chance that an example is a two-subject collage")
-    p.add_argument("--cutmix-prompt", default="a photo of a {left} on the left and a {right} on the right")
+    p.add_argument("--cutmix-prompt", default="a photo of a {left} on the left and a {right} on the right",
+                   help="prompt of a collage ({left}, {right}: '{token} {class}' of each half)")
     # squared attention probabilities are ~1e-4: 1000 is the largest weight that cost the diffusion loss nothing
     # measurable in our tiny-model experiment (README, "Why --unmix-weight 1000")
     p.add_argument("--unmix-weight", type=float, default=1000.0,
@@ -61,11 +63,11 @@ def parse_args(argv=None):
     # prior preservation (DreamBooth; SVDiff Eq. 3 with λ = --prior-weight)
     p.add_argument("--prior-weight", type=float, default=1.0, help="λ of Eq. 3")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation (λ = 0)")
-    p.add_argument("--num-class-images", type=int, default=200)
+    p.add_argument("--num-class-images", type=int, default=200, help="class images per subject (generated once)")
     p.add_argument("--class-dir", default=None, help="class image cache (default: {out}/class_images)")
     p.add_argument("--class-steps", type=int, default=50, help="DDIM steps for generating class images")
     # optimisation (authors' values: lr 1e-3 for matrix shifts, 1e-6 for 1-D shifts, AdamW, 500 steps)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=500, help="training steps")
     p.add_argument("--batch-size", type=int, default=1, help="instance images per step (+ as many class images)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the matrix (2-D/4-D) shifts")
     p.add_argument("--lr-1d", type=float, default=1e-6, help="learning rate of the norm (1-D) shifts")
@@ -75,9 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=None,
                    help="shorter side resized to this, centre crop (default: 1024 for SDXL, 512 for SD 1.x/2.x)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     # hardware
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", choices=list(sd.DTYPES), default=None,
                    help="autocast dtype on CUDA (default bf16 where supported, else fp16); CPU runs fp32")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -85,12 +87,12 @@ def parse_args(argv=None):
                         "per step (default: on for SDXL, off for SD 1.x/2.x)")
     # outputs
     p.add_argument("--out", default=None, help="output folder (default runs/{token})")
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100, help="write the shift file and resume.pt every N steps")
     p.add_argument("--half", action="store_true", help="store the shift file in fp16 (half the size)")
     p.add_argument("--sample-every", type=int, default=100, help="sample grid every N steps and at the end (0: none)")
     p.add_argument("--sample-prompt", default=None, help="prompt of the sample grids (default: the instance prompt; "
                    "with several subjects 'a {token1} {class1} sitting beside a {token2} {class2}')")
-    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")
     p.add_argument("--resume", action="store_true", help="continue from the shift file and resume.pt in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --out")
     return p.parse_args(argv)
