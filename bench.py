@@ -58,12 +58,13 @@ SVD_SAMPLE_EVERY = 8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+                                formatter_class=sd.HelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to measure")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (latents are 1/8)")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions per method (after one warm-up)")
     p.add_argument("--json", default=None, help="write every figure to this file")
-    p.add_argument("--svd-cache", default=None, help="keep the SVD cache here (default: a temporary file)")
+    p.add_argument("--svd-cache", default=None, help="keep the SVD cache of the random weights here (an existing "
+                   "file must be an SVD cache: it is replaced) (default: a temporary file)")
     p.add_argument("--parts", default=",".join(PARTS),
                    help="which measurements, comma-separated")
     p.add_argument("--arch", choices=ARCHS, default="sd15",
@@ -84,8 +85,11 @@ def check_args(a):
     bad = set(a.parts.split(",")) - set(PARTS)
     if bad:
         raise ValueError(f"--parts: unknown {', '.join(sorted(bad))}; choose from {', '.join(PARTS)}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    sd.check_device(a.device)
+    if a.svd_cache:  # bench.py replaces it with the SVD of its random weights
+        svdiff.check_svd_cache(a.svd_cache)
+    if a.json:
+        sd.check_writable(Path(a.json).parent, "--json")
     if a.arch == "sdxl" and a.device == "cpu" and not a.tiny:
         raise ValueError("--arch sdxl measures the full SDXL architecture on a GPU (--device cuda): its UNet alone is "
                          "10 GB in fp32 and the SVD would take hours on a CPU; add --tiny for its tiny form here")
@@ -464,6 +468,10 @@ def child(a):
     activations recomputed in the backward pass) for 1 + --train-steps steps, and prints the timed ones' seconds."""
     device = a.device
     model = build_model(a.tiny, device, torch.bfloat16 if device == "cuda" else torch.float32, a.arch)
+    if a.child == "svd-cache":  # not a probe: writes the cache the probes read, so none of them times the SVD
+        svdiff.add_spectral_shifts(model, "all", cache=a.svd_cache, progress=False)
+        print("{}")
+        return
     if device == "cuda":  # from here: the model as it runs, not the fp32 copy it was drawn in before the cast
         torch.cuda.reset_peak_memory_stats()
     out = {}
@@ -600,13 +608,15 @@ def main(argv=None):
         cache = Path(a.svd_cache) if a.svd_cache else tmp / "svd_cache.safetensors"
         if parts - set(CHILD_PARTS):
             r |= bench_in_process(a, parts, cache, tmp)
+        if parts & set(CHILD_PARTS) and not cache.is_file():  # --parts memory alone: the first probe would pay for
+            run_child(a, "svd-cache", cache)                   # the SVD, its float64 temporaries in its peak
         if "memory" in parts:
             r |= bench_memory(a, cache)
         if "checkpointing" in parts:
             r |= bench_checkpointing(a, cache)
     print(table(r))
     if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=2))
+        svdiff.atomic_write(lambda p: p.write_text(json.dumps(r, indent=2)), Path(a.json))
     print(json.dumps({k: r.get(k) for k in SUMMARY_KEYS} | {"arch": a.arch, "device": device,
                                                              "resolution": a.resolution}))
     return r

@@ -50,9 +50,11 @@ def _safetensors_header(path: Path) -> dict:
             raise ValueError(f"{path}: corrupt .safetensors header; download the file again")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+            # JSON of the wrong shape (not a dict of {dtype, shape, data_offsets}) is as corrupt as broken JSON
+            end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+            [tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, AttributeError, TypeError, KeyError, IndexError):
             raise ValueError(f"{path}: corrupt .safetensors header; download the file again") from None
-    end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
     if 8 + n + end > path.stat().st_size:
         raise ValueError(f"{path}: file is truncated ({path.stat().st_size} bytes, needs {8 + n + end}); "
                          "download it again")
@@ -100,7 +102,7 @@ class TensorFile:
             self.metadata = {}
             self.shapes = {k: tuple(v.shape) for k, v in self._sd.items() if isinstance(v, torch.Tensor)}
         else:
-            raise ValueError(f"{self.path}: unknown file type {self.path.suffix!r}; expected .safetensors or .ckpt")
+            raise ValueError(f"{self.path}: unknown file type {self.path.suffix!r}; expected .safetensors, .ckpt, .bin, .pt or .pth")
 
     def tensors(self, keys):
         """Yield (key, tensor) for the given keys. safetensors are read with pread where the library has it, so

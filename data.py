@@ -72,15 +72,17 @@ def image_files(folder: Path, flag: str = "--images") -> list[Path]:
                      "folder of them")
 
 
-def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
-    """All readable images of a folder, sorted by name, or the one image file `folder` names, with their
-    captions (a same-named .txt beside an image) and crops (`Crop`): (images, captions, crops). Unreadable files
-    of a folder are listed and skipped; an unreadable single file, or no usable image, is an error. `flag` names
-    the option in messages."""
+def load_image_folder(folder: Path, resolution: int, flag: str = "--images", limit: int | None = None):
+    """All readable images of a folder (the first `limit` of them), sorted by name, or the one image file `folder`
+    names, with their captions (a same-named .txt beside an image) and crops (`Crop`): (images, captions, crops).
+    Unreadable files of a folder are listed and skipped; an unreadable single file, or no usable image, is an
+    error. `flag` names the option in messages."""
     from PIL import Image
     files = image_files(folder, flag)
     images, captions, crops, bad = [], [], [], []
     for f in files:
+        if len(images) == limit:
+            break
         try:
             x, crop, warning = load_image(f, resolution)
         except (OSError, SyntaxError, ValueError, OverflowError, Image.DecompressionBombError) as e:
@@ -101,5 +103,5 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images"):
     if bad:
         print(f"warning: skipped {len(bad)} unreadable file(s) in {folder}: {', '.join(bad)}", file=sys.stderr)
     if not images:
-        raise ValueError(f"{flag} {folder}: no usable images (JPEG/PNG/WebP/BMP); add 3-5 photos of the subject")
+        raise ValueError(f"{flag} {folder}: no usable images (JPEG/PNG/WebP/BMP) in it")
     return images, captions, crops

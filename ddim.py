@@ -91,7 +91,7 @@ def ddim_inverse_step(model_output, x, t, t_src, alphas_cumprod, prediction_type
 def sample(denoise, latents, num_steps, alphas_cumprod, eta=0.0, generator=None, prediction_type="epsilon",
            progress=True):
     """The DDIM sampling loop. denoise(x, t) -> model output (with guidance already applied). With η > 0 each
-    step draws its noise from `generator` on the generator's device, in the latents' dtype, like diffusers."""
+    step draws its noise from `generator` on the generator's device, in the model output's dtype, like diffusers."""
     ts = timesteps(num_steps).tolist()
     step = 1000 // num_steps
     alphas_cumprod = alphas_cumprod.to(latents.device)

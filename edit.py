@@ -31,7 +31,7 @@ import train
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     p.add_argument("--image", default=None, help="the photo to edit (JPEG/PNG/WebP/BMP)")
     p.add_argument("--prompt", default=None, help="describes the input image, no special token: 'a photo of a cat'")
     p.add_argument("--edit", action="append", default=None,
@@ -84,6 +84,9 @@ def check_args(a):
     if not a.image:
         raise ValueError("no --image: pass the photo to edit, e.g. --image cat.jpg")
     data.image_files(Path(a.image), "--image")  # it exists (read once the resolution is known)
+    if Path(a.image).is_dir():
+        raise ValueError(f"--image {a.image} is a folder; edit.py edits one photo: pass its file, e.g. "
+                         f"--image {Path(a.image) / 'cat.jpg'}")
     if not a.prompt or not a.prompt.strip():
         raise ValueError("--prompt is empty: describe the input image, e.g. --prompt 'a photo of a cat'")
     if not a.edit:

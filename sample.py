@@ -18,23 +18,24 @@ import torch
 
 import sd
 import shifts
+import svdiff
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="SD 1.x/2.x/XL single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
                         f"(default: the base model the first --shifts file records, else $SVDIFF_MODEL, else "
                         f"{sd.DEFAULT_MODEL})")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what to draw, e.g. 'a photo of sks dog in the snow'")
     p.add_argument("--negative-prompt", default="", help="the unconditional half of guidance; \"\" is none "
                    "(SDXL: zeros, diffusers' negative_prompt=None; SD 1.x/2.x: the empty prompt)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--height", type=int, default=None, help="default: 512 for SD 1.x/2.x, 1024 for SDXL")
     p.add_argument("--width", type=int, default=None, help="default: 512 for SD 1.x/2.x, 1024 for SDXL")
     # SDXL's micro-conditioning (label_emb): the sizes and crop it was told its training images had
@@ -44,7 +45,7 @@ def parse_args(argv=None):
                    help="SDXL: the crop's top-left corner to condition on (default: 0 0)")
     p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="SDXL: the target image size to condition on (default: the output size)")
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-images", type=int, default=4, help="images to draw")
     p.add_argument("--batch-size", type=int, default=None, help="images per UNet batch (default: all at once)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="override the model's (from scheduler_config.json, else epsilon)")
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                         "spectral_shifts.safetensors (its _te file beside it is read with it)")
     p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", choices=list(sd.DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--out", default=None, help="output folder (default: a new numbered folder under out/, never "
                    "one an earlier run wrote)")
@@ -74,26 +75,27 @@ def check_args(a):
         raise ValueError(f"--steps must be between 1 and 1000, got {a.steps}")
     if a.num_images < 1 or (a.batch_size is not None and a.batch_size < 1):
         raise ValueError("--num-images and --batch-size must be at least 1")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    sd.check_device(a.device)
+    if a.svd_cache:
+        svdiff.check_svd_cache(a.svd_cache)
     for spec in a.shifts:
         if not shifts.parse_spec(spec)[0].is_file():
             raise ValueError(f"--shifts {spec}: no such file; pass the shifts.safetensors of a train.py run")
     sd.check_writable(Path(a.out or "out"), "--out")
 
 
-def resolve_sizes(a, model):
-    """The image size (default: sd.default_size, 512 or 1024 for SDXL) and SDXL's micro-conditioning (default: the
-    output size, crop 0 0, the output size, as diffusers' pipeline), known once the model is loaded; the
-    micro-conditioning flags are refused for a model without it."""
+def resolve_sizes(a, family: str):
+    """The image size (default: 512, SDXL 1024, sd.DEFAULT_SIZE) and SDXL's micro-conditioning (default: the output
+    size, crop 0 0, the output size, as diffusers' pipeline), from the model's family (sd.peek_family, before the
+    model is loaded); the micro-conditioning flags are refused for a model without it."""
     given = [f for f, v in (("--original-size", a.original_size), ("--crops-coords-top-left", a.crops_coords_top_left),
                             ("--target-size", a.target_size)) if v is not None]
-    if given and model.family != "sdxl":
-        raise ValueError(f"{', '.join(given)}: SDXL's micro-conditioning, but the model is {model.family} (no "
+    if given and family != "sdxl":
+        raise ValueError(f"{', '.join(given)}: SDXL's micro-conditioning, but the model is {family} (no "
                          "label_emb); leave them out")
-    a.height = a.height or sd.default_size(model)
-    a.width = a.width or sd.default_size(model)
-    if model.family == "sdxl":
+    a.height = a.height or sd.DEFAULT_SIZE[family]
+    a.width = a.width or sd.DEFAULT_SIZE[family]
+    if family == "sdxl":
         a.original_size = a.original_size or [a.height, a.width]
         a.crops_coords_top_left = a.crops_coords_top_left or [0, 0]
         a.target_size = a.target_size or [a.height, a.width]
@@ -118,9 +120,9 @@ def main(argv=None):
     a.dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     a.batch_size = a.batch_size or a.num_images
     a.model = sd.choose_model(a.model, shifts.parse_spec(a.shifts[0])[0] if a.shifts else None)
+    resolve_sizes(a, sd.peek_family(a.model, half=sd.DTYPES[a.dtype] in sd.HALF))
     model = sd.load(a.model, device=a.device, dtype=sd.DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
     a.prediction_type = model.prediction_type
-    resolve_sizes(a, model)
     if a.shifts:
         shifts.apply_shift_files(model, a.shifts, force=a.force, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
@@ -136,10 +138,11 @@ def main(argv=None):
     out = Path(a.out) if a.out else new_folder(Path("out"))
     out.mkdir(parents=True, exist_ok=True)
     a.out = str(out)
-    for i, im in enumerate(images):
-        im.save(out / f"{i:03d}.png")
-    sd.grid(images).save(out / "grid.png")
-    (out / "sample_config.json").write_text(json.dumps(vars(a), indent=2))
+    for i, im in enumerate(images):  # each file whole or not at all (Ctrl-C, a full disk)
+        svdiff.atomic_write(lambda p: im.save(p, format="PNG"), out / f"{i:03d}.png")
+    grid = sd.grid(images)
+    svdiff.atomic_write(lambda p: grid.save(p, format="PNG"), out / "grid.png")
+    svdiff.atomic_write(lambda p: p.write_text(json.dumps(vars(a), indent=2)), out / "sample_config.json")
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 

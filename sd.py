@@ -11,6 +11,7 @@ short `diffusers_to_original` rename rule. Weights stream tensor by tensor into 
 device, so the process never holds two copies of the model. A Hugging Face Hub id (`owner/name[@revision]`) is
 resolved to a layout-(b) folder in the Hub cache that diffusers and transformers share (hub.py).
 """
+import argparse
 import json
 import math
 import os
@@ -38,15 +39,16 @@ TEXT_ENCODERS = {"sd1": {"text_encoder": ("cond_stage_model.transformer.", "sd1"
                  "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.", "sd1"),
                           "text_encoder_2": ("conditioner.embedders.1.model.", "sd2")}}
 TEXT_PREFIXES = tuple(prefix for family in TEXT_ENCODERS.values() for prefix, _ in family.values())  # all of them
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the scripts' --dtype
 # What `load(components=)` names. "text_encoder" is the model's text side: SDXL's pair of encoders (and their
 # tokenizers), which only work together (the UNet's context is both encoders' states side by side).
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # the scripts' --dtype
 COMPONENTS = ("unet", "vae", "text_encoder")
 # The modules that shift files hold δ for and that the fingerprint covers (svdiff.shiftable_modules, shifts,
 # fingerprint); text_encoder_2 is None but for SDXL.
 SHIFTED = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_SIZE = {"sd1": 512, "sd2": 512, "sdxl": 1024}  # image side when none is given (SDXL was trained at 1024)
-DEFAULT_MODEL = hub.DEFAULT_MODEL  # what train.py and edit.py run on when neither --model nor $SVDIFF_MODEL is set
+DEFAULT_MODEL = hub.DEFAULT_MODEL  # what the scripts run on when neither --model, a shift file's base model nor
+                                   # $SVDIFF_MODEL names one
 
 
 @dataclass
@@ -402,7 +404,8 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
 
 def peek_family(path, half: bool = False) -> str:
     """The family ("sd1", "sd2", "sdxl") of what `load(path)` loads, without loading it: a single file's tensor
-    names and shapes (the header, no tensor data), a folder's layout and configs. A Hub id is resolved as `load`
+    names and shapes (a .safetensors header, no tensor data; a .ckpt is memory-mapped where torch can), a folder's
+    layout and configs. A Hub id is resolved as `load`
     resolves it (`half`: as `load`'s dtype would), so the files it fetches are in the cache when `load` comes and
     nothing is downloaded twice. The scripts pick their family-dependent defaults with it (SDXL's 1024 px) before
     anything is loaded; what is wrong with a file is `load`'s to say."""
@@ -559,6 +562,26 @@ def grid(images):
     for i, im in enumerate(images):
         g.paste(im, ((i % cols) * w, (i // cols) * h))
     return g
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' --help: each flag's default after its help, unless the help already says what the default is
+    (one that depends on other flags or on the model: `default=None`)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_device(device: str):
+    """A --device that torch knows, and CUDA only where there is a CUDA device (before anything is loaded)."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
 
 
 def check_writable(out: Path, flag: str):

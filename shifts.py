@@ -87,23 +87,30 @@ def check_shift_file(model, path, meta, force=False, hint=FORCE_HINT):
                          f"{fingerprint(model)}); {hint}")
 
 
+def fit_length(d: torch.Tensor, n: int, where: str) -> torch.Tensor:
+    """A δ for a layer with n shifts. A file trained with --rank k holds δ of the k largest singular values only:
+    the others' δ is 0, and ReLU(σ + 0) = σ leaves them as they were, so padding with zeros is exact (σ is in
+    descending order in every SVD here). A longer δ belongs to another layer."""
+    if d.shape[0] > n:
+        raise ValueError(f"{where}: δ of length {d.shape[0]}, expected at most {n}")
+    return F.pad(d, (0, n - d.shape[0]))
+
+
 def load_shift_file(model, path, scale=1.0, force=False):
-    """Set the δ of a model with shifts added from a file (to continue from shifts)."""
+    """Set the δ of a model that has shifts added (trainable, unmerged) from a file, times `scale`."""
     tensors, meta = read_shift_file(path)
     check_shift_file(model, path, meta, force)
     layers = dict(shifts(model))
     for k, d in tensors.items():
         if k not in layers:
             raise ValueError(f"{path}: key {k} is not a shifted layer of this model")
-        if d.shape != layers[k].delta.shape:
-            raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
         with torch.no_grad():
-            layers[k].delta.copy_(scale * d.float())
+            layers[k].delta.copy_(scale * fit_length(d.float(), layers[k].delta.shape[0], f"{path}: key {k}"))
 
 
 def parse_spec(spec: str):
     """FILE[:SCALE] -> (path, scale)."""
-    m = re.fullmatch(r"(.+):(-?[\d.]+(?:e-?\d+)?)", spec)
+    m = re.fullmatch(r"(.+):(-?(?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)", spec)
     return (Path(m[1]), float(m[2])) if m else (Path(spec), 1.0)
 
 
@@ -116,7 +123,7 @@ def in_layer_range(key: str, ranges) -> bool:
             k = re.search(rf"\b{m[1]}\.(\d+)\.", key)
             if k and int(m[2]) <= int(k[1]) <= int(m[3]):
                 return True
-        elif r in key:
+        elif re.search(rf"(^|\.){re.escape(r)}(\.|$)", key):  # whole name parts: input_blocks.1 is not .10
             return True
     return False
 
@@ -143,10 +150,12 @@ def combine_files(specs, mix=None):
         for k, d in tensors.items():
             if mix is not None and in_layer_range(k, mix) != (i == 1):
                 continue
-            if k in combined and combined[k].shape != d.shape:
-                raise ValueError(f"{path}: key {k} has δ of length {d.shape[0]}, the other files {combined[k].shape[0]}")
+            if k in combined:  # files of different --rank: the shorter δ is zero-padded (exact, see fit_length)
+                n = max(combined[k].shape[0], d.shape[0])
+                combined[k], d = F.pad(combined[k], (0, n - combined[k].shape[0])), F.pad(d, (0, n - d.shape[0]))
             combined[k] = combined.get(k, 0) + combine([d], [scale])
-    return combined, first_meta
+    ranks = [meta.get("rank", "") for _, (_, meta) in read]  # "": no limit
+    return combined, dict(first_meta, rank="" if "" in ranks else str(max(map(int, ranks))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,10 +289,8 @@ def apply_shift_files(model, specs, force=False, merged=True, mix=None, cache=No
         add_spectral_shifts(model, keys=set(combined), cache=cache, progress=True)
     layers = dict(shifts(model))
     for k, d in combined.items():
-        if d.shape != layers[k].delta.shape:
-            raise ValueError(f"key {k}: δ of length {d.shape[0]}, expected {layers[k].delta.shape[0]}")
         with torch.no_grad():
-            layers[k].delta.copy_(d)
+            layers[k].delta.copy_(fit_length(d, layers[k].delta.shape[0], f"key {k}"))
     if merged:
         bake(model)
     modules = {_key(model, c, n): m for c, n, m in shiftable_modules(model)}
@@ -408,38 +415,38 @@ def export_merged(model, source, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Inspect, combine and export SVDiff shift files.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what a shift file holds")
     info.add_argument("file")
     comb = sub.add_parser("combine", help="Σ sᵢδᵢ of several files (Eq. 4-5), or style mixing of two",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=sd.HelpFormatter)
     comb.add_argument("files", nargs="+", metavar="FILE[:SCALE]")
     comb.add_argument("--mix", nargs="+", default=None, metavar="RANGE",
                       help="style mixing: these layer ranges (e.g. input_blocks.4-8, middle_block) from the second "
                            "file, all other layers from the first")
     comb.add_argument("--half", action="store_true", help="store fp16")
-    comb.add_argument("--out", required=True)
+    comb.add_argument("--out", required=True, help="the combined shift file to write")
     for name, helptext in (("export-lora", "a kohya-format LoRA for AUTOMATIC1111 / ComfyUI"),
                            ("export-merged", "a single-file checkpoint with the shifts baked in")):
-        e = sub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        e = sub.add_parser(name, help=helptext, formatter_class=sd.HelpFormatter)
         e.add_argument("shifts", metavar="FILE[:SCALE]", nargs="+")
         e.add_argument("--model", default=None, help="the base model the shifts were trained on: a single file"
                        + (", diffusers folder or Hub id owner/name[@revision]" if name == "export-lora" else "")
                        + " (default: the base model the first shift file records)")
         e.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: shipped)")
         e.add_argument("--force", action="store_true", help="apply even if the base-model fingerprint differs")
-        e.add_argument("--out", required=True)
+        e.add_argument("--out", required=True, help="the file to write")
         if name == "export-lora":
-            e.add_argument("--rank", type=int, default=4)
+            e.add_argument("--rank", type=int, default=4, help="LoRA rank: the k largest terms of each ΔW")
     conv = sub.add_parser("convert", help="an svdiff-pytorch spectral_shifts.safetensors (and its _te file) in our "
-                                          "format", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                          "format", formatter_class=sd.HelpFormatter)
     conv.add_argument("file", help="svdiff-pytorch's spectral_shifts.safetensors")
     conv.add_argument("te_file", nargs="?", default=None,
                       help="its spectral_shifts_te.safetensors (default: the one beside FILE, if any)")
     conv.add_argument("--model", required=True, help="the base model the shifts were trained on")
     conv.add_argument("--vocab", default=None, help="CLIP BPE vocabulary (single-file models)")
-    conv.add_argument("--out", required=True)
+    conv.add_argument("--out", required=True, help="the shift file to write, in our format")
     a = p.parse_args(argv)
 
     if a.command == "info":
@@ -462,6 +469,9 @@ def main(argv=None):
     for path, _ in map(parse_spec, a.files if a.command == "combine" else getattr(a, "shifts", [])):
         if not path.is_file():  # before loading a model
             raise FileNotFoundError(f"{path}: no such shift file")
+    if Path(a.out).is_dir():  # (every command but info writes --out; checked before minutes of SVD)
+        raise ValueError(f"--out {a.out} is a folder; name the file to write, e.g. {Path(a.out) / 'out.safetensors'}")
+    sd.check_writable(Path(a.out).parent, "--out")
     if a.command == "combine":
         combined, meta = combine_files(a.files, a.mix)
         meta = dict(meta, subset=f"combined({', '.join(a.files)})")

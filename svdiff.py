@@ -5,7 +5,8 @@ is factored once, W = U diag(σ) Vᵀ, and a "spectral shift" δ is trained (Eq.
 
     W_δ = U diag(ReLU(σ + δ)) Vᵀ,   computed as   W + U diag(ReLU(σ + δ) - σ) Vᵀ
 
-so that δ = 0 gives W exactly (the authors add the SVD residual back for the same reason). Norm scales γ get a
+where W is read (the dense path, `merge`), so that δ = 0 gives W exactly (the authors add the SVD residual back for
+the same reason); the factored path computes with the factors themselves, exact up to the SVD's rounding (≤ 1e-6). Norm scales γ get a
 full-length additive shift γ + δ, as in the official code. Biases stay frozen.
 
 Shift files (the δ on disk, combining them, applying them to a model) are in shifts.py.
@@ -243,8 +244,8 @@ class SpectralShift(nn.Module):
             return F.embedding(x, self.base.weight) + \
                 (self.U[x] * self.delta_sigma().to(self.U.dtype)) @ self.Vh
         mode = self.mode if self.mode != "auto" else self.cheapest(x)
-        if mode == "naive":
-            return self._apply(x, self.naive_weight())
+        if mode == "naive":  # (rank-limited: the k factors are not all of W, so W + ΔW)
+            return self._apply(x, self.naive_weight() if self.full_rank else self.base.weight + self.delta_weight())
         if mode == "dense":  # (with W dropped for training, W_δ comes from the factors)
             return self._apply(x, self.naive_weight() if self.dropped else self.base.weight + self.delta_weight())
         return self._factored(x)
@@ -548,10 +549,30 @@ def _weights_dtype(model) -> torch.dtype:
                 for n, p in getattr(model, c).named_parameters() if not n.endswith("delta")).dtype
 
 
+def check_svd_cache(path):
+    """--svd-cache names a new file or an SVD cache (ours: a fingerprint and U/S/Vh tensors), which may be
+    overwritten; a model checkpoint or a shift file named by mistake must never be replaced. The scripts call it
+    before loading anything."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ours = "fingerprint" in (f.metadata() or {}) and all(k.rsplit(".", 1)[-1] in ("U", "S", "V", "Vh")
+                                                                 for k in f.keys())
+    except Exception:  # safetensors raises its own SafetensorError (not a ValueError) for a file it cannot read
+        ours = False
+    if not ours:
+        raise ValueError(f"--svd-cache {path} is not an SVD cache (a checkpoint or shift file?) and would be "
+                         "overwritten; name a new file, which the SVD is then saved to")
+
+
 def load_svd_cache(path, model) -> dict:
     path = Path(path)
     if not path.is_file():
         return {}
+    check_svd_cache(path)
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -582,7 +603,8 @@ def save_svd_cache(path, model, factors: dict):
 
 
 def atomic_write(write, path: Path):
-    """Temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Temp file in the same folder (created if missing), then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)

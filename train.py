@@ -35,7 +35,7 @@ import svdiff
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=sd.HelpFormatter)
     p.add_argument("--images", action="append", required=True,
                    help="folder of subject images (3-5 is typical), or one image file")
     p.add_argument("--token", action="append", default=None,
@@ -47,13 +47,15 @@ def parse_args(argv=None):
                         f"(default: $SVDIFF_MODEL, else {sd.DEFAULT_MODEL}; with --resume, the run's own)")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
-    p.add_argument("--instance-prompt", default="a photo of {token} {class}")
-    p.add_argument("--class-prompt", default="a photo of a {class}")
+    p.add_argument("--instance-prompt", default="a photo of {token} {class}",
+                   help="prompt of the subject's images ({token}, {class} filled in)")
+    p.add_argument("--class-prompt", default="a photo of a {class}", help="prompt of the class images")
     p.add_argument("--no-captions", action="store_true",
                    help="ignore .txt captions beside the images: every image gets --instance-prompt")
     # Cut-Mix-Unmix (several subjects: --images/--token pairs; 0.6 is the paper's probability)
     p.add_argument("--cutmix-prob", type=float, default=0.6, help="chance that an example is a two-subject collage")
-    p.add_argument("--cutmix-prompt", default="a photo of a {left} on the left and a {right} on the right")
+    p.add_argument("--cutmix-prompt", default="a photo of a {left} on the left and a {right} on the right",
+                   help="prompt of a collage ({left}, {right}: '{token} {class}' of each half)")
     # squared attention probabilities are ~1e-4: 1000 is the largest weight that cost the diffusion loss nothing
     # measurable in our tiny-model experiment (README, "Why --unmix-weight 1000")
     p.add_argument("--unmix-weight", type=float, default=1000.0,
@@ -61,11 +63,11 @@ def parse_args(argv=None):
     # prior preservation (DreamBooth; SVDiff Eq. 3 with λ = --prior-weight)
     p.add_argument("--prior-weight", type=float, default=1.0, help="λ of Eq. 3")
     p.add_argument("--no-prior", action="store_true", help="train without prior preservation (λ = 0)")
-    p.add_argument("--num-class-images", type=int, default=200)
+    p.add_argument("--num-class-images", type=int, default=200, help="class images per subject (generated once)")
     p.add_argument("--class-dir", default=None, help="class image cache (default: {out}/class_images)")
     p.add_argument("--class-steps", type=int, default=50, help="DDIM steps for generating class images")
     # optimisation (authors' values: lr 1e-3 for matrix shifts, 1e-6 for 1-D shifts, AdamW, 500 steps)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=500, help="training steps")
     p.add_argument("--batch-size", type=int, default=1, help="instance images per step (+ as many class images)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the matrix (2-D/4-D) shifts")
     p.add_argument("--lr-1d", type=float, default=1e-6, help="learning rate of the norm (1-D) shifts")
@@ -75,9 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=None,
                    help="shorter side resized to this, centre crop (default: 1024 for SDXL, 512 for SD 1.x/2.x)")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     # hardware
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", choices=list(sd.DTYPES), default=None,
                    help="autocast dtype on CUDA (default bf16 where supported, else fp16); CPU runs fp32")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -85,12 +87,12 @@ def parse_args(argv=None):
                         "per step (default: on for SDXL, off for SD 1.x/2.x)")
     # outputs
     p.add_argument("--out", default=None, help="output folder (default runs/{token})")
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100, help="write the shift file and resume.pt every N steps")
     p.add_argument("--half", action="store_true", help="store the shift file in fp16 (half the size)")
     p.add_argument("--sample-every", type=int, default=100, help="sample grid every N steps and at the end (0: none)")
     p.add_argument("--sample-prompt", default=None, help="prompt of the sample grids (default: the instance prompt; "
                    "with several subjects 'a {token1} {class1} sitting beside a {token2} {class2}')")
-    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")
     p.add_argument("--resume", action="store_true", help="continue from the shift file and resume.pt in --out")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --out")
     return p.parse_args(argv)
@@ -118,9 +120,16 @@ def check_args(a):
         raise ValueError(f"--cutmix-prob must be between 0 and 1, got {a.cutmix_prob}")
     if a.token and len(set(a.token)) != len(a.token):
         raise ValueError("each subject needs its own --token")
-    for name in ("steps", "batch_size", "save_every", "num_class_images", "class_steps"):
+    for name in ("steps", "batch_size", "save_every", "num_class_images"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("class_steps", "sample_steps"):  # DDIM steps of the 1000-step schedule
+        if not 1 <= getattr(a, name) <= 1000:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 1 and 1000, got {getattr(a, name)}")
+    if a.rank is not None and a.rank < 1:
+        raise ValueError(f"--rank must be at least 1 (leave it out for every singular value), got {a.rank}")
+    if a.token and any(not t.strip() for t in a.token):
+        raise ValueError("--token is empty: pass a rare word such as sks")
     for name in ("lr", "lr_1d", "prior_weight", "unmix_weight"):  # (float32 holds δ, AdamW's steps and the loss)
         if not 0 <= getattr(a, name) <= torch.finfo(torch.float32).max or (name == "lr" and a.lr == 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'lr' else 'non-negative'} "
@@ -129,8 +138,9 @@ def check_args(a):
         raise ValueError("--sample-every must be at least 0 (0: no sample grids)")
     if a.subset not in svdiff.SUBSETS:
         raise ValueError(f"--subset {a.subset!r} is not one of {', '.join(svdiff.SUBSETS)}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    sd.check_device(a.device)
+    if a.svd_cache:
+        svdiff.check_svd_cache(a.svd_cache)
     out = Path(a.out)
     sd.check_writable(out, "--out")
     if a.resume and a.overwrite:
@@ -163,7 +173,7 @@ def common_word_warning(tokenizer, token: str):
 def generate_class_images(model, prompt, folder: Path, n: int, steps: int, resolution: int, seed: int, device):
     """Prior-preservation images from the base model (DDIM), cached as PNGs and reused by later runs."""
     folder.mkdir(parents=True, exist_ok=True)
-    have = sorted(folder.glob("*.png"))
+    have = data.image_files(folder)
     if len(have) >= n:
         return
     print(f"generating {n - len(have)} class images for {prompt!r} in {folder}")
@@ -245,24 +255,24 @@ def train(a, instances=None):
             folder = Path(a.class_dir) / cw.replace("/", "_")
             generate_class_images(model, prompt, folder, a.num_class_images, a.class_steps, a.resolution, a.seed,
                                   a.device)
-            # generated at the resolution, so their crops say original (R, R), corner (0, 0) (diffusers'
-            # DreamBooth-SDXL gives a class image its instance image's sizes instead); images put in the folder by
-            # hand get their own
-            loaded = [data.load_image(f, a.resolution) for f in sorted(folder.glob("*.png"))[:a.num_class_images]]
-            class_images.append(([x for x, _, _ in loaded], [crop for _, crop, _ in loaded]))
+            # generated at the resolution, so their crops say original (R, R), corner (0, 0); images put in the
+            # folder by hand get their own, and damaged ones are skipped with a warning, as --images' are
+            images, _, crops = data.load_image_folder(folder, a.resolution, "--class-dir", limit=a.num_class_images)
+            class_images.append((images, crops))
 
     # The VAE is frozen: encode every image once (and its mirror image for --flip), keep mean and logvar, and
     # draw z = mean + σ·ε afresh each step, exactly as encoding every step would. Beside them each image's crop
     # ([N, 3, 2]: original size, corner, mirrored corner), SDXL's micro-conditioning of each draw.
     def encode_all(images, crops):
-        with torch.no_grad():
-            x = torch.stack(images).to(a.device, next(model.vae.parameters()).dtype)
-            moments = [torch.cat(model.vae.encode(x[i:i + 4]), 1) for i in range(0, len(x), 4)]
-            moments_flip = [torch.cat(model.vae.encode(x[i:i + 4].flip(-1)), 1) for i in range(0, len(x), 4)] \
-                if a.flip else moments
+        dtype = next(model.vae.parameters()).dtype
+        with torch.no_grad():  # four images at a time on the device
+            chunks = [torch.stack(images[i:i + 4]).to(a.device, dtype) for i in range(0, len(images), 4)]
+            moments = [torch.cat(model.vae.encode(x), 1) for x in chunks]
+            moments_flip = [torch.cat(model.vae.encode(x.flip(-1)), 1) for x in chunks] if a.flip else moments
         return torch.cat(moments).float(), torch.cat(moments_flip).float(), torch.tensor(crops)
     instance_latents = [encode_all(imgs, crops) for imgs, _, crops in instances]
     class_latents = [encode_all(imgs, crops) for imgs, crops in class_images]
+    del class_images  # the pixels (200 images at 1024 px: 2.5 GB) are not needed again
 
     svdiff.add_spectral_shifts(model, subset=a.subset, rank=a.rank, cache=a.svd_cache)
     # The layers whose factored path is the cheaper one at every token count never read W again: free it (the
@@ -282,7 +292,7 @@ def train(a, instances=None):
         start = resume_state(model, out, optimizer, scaler, gen)
         # log lines written after the last save are replayed, so drop them
         lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []
-        (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start))
+        (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if logged_step(l) <= start))
     else:
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("log.jsonl", "shifts.safetensors", "resume.pt"):
@@ -454,11 +464,20 @@ def resume_state(model, out: Path, optimizer, scaler, gen) -> int:
     return state["step"]
 
 
+def logged_step(line: str) -> float:
+    """The step of a log.jsonl line; a line cut off by a crash mid-write counts as after every step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def resume_files(out: Path):
     """resume.pt and the shift file's metadata, refused unless both belong to the same step (a shift file from
     elsewhere, or a run stopped between the two writes, is never mixed with the optimizer state of another step)."""
     try:
-        state = torch.load(out / "resume.pt", weights_only=True)
+        # on the CPU: AdamW's moments were saved from the GPU (optimizer.load_state_dict moves them back)
+        state = torch.load(out / "resume.pt", weights_only=True, map_location="cpu")
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:  # what torch.load raises on a bad file
         raise ValueError(f"--resume: {out / 'resume.pt'} cannot be read ({type(e).__name__}); pass --overwrite to "
                          "start afresh") from None

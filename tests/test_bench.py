@@ -113,3 +113,18 @@ def test_our_unet_against_diffusers_runs_beside_bench(capsys):
     import bench_diffusers
     ratio = bench_diffusers.main(["--tiny", "--steps", "1", "--resolution", "64", "--device", "cpu"])
     assert ratio > 0 and json.loads(capsys.readouterr().out)["base_vs_diffusers_sampling"] == ratio
+
+
+def test_child_parts_alone_first_write_the_svd_cache_they_read(tmp_path):
+    """--parts memory without the svd part: a child writes the cache before the probes, so no probe's peak holds
+    the cold SVD's float64 work; an --svd-cache that is not a cache (a checkpoint named by mistake) is refused."""
+    cache = tmp_path / "svd.safetensors"
+    out = subprocess.run([sys.executable, str(bench.Path(bench.__file__)), "--tiny", "--steps", "1", "--resolution",
+                          "64", "--parts", "memory", "--svd-cache", str(cache)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert cache.is_file() and svdiff.check_svd_cache(cache) is None
+    (tmp_path / "model.safetensors").write_bytes(b"not a cache")
+    out = subprocess.run([sys.executable, str(bench.Path(bench.__file__)), "--tiny", "--svd-cache",
+                          str(tmp_path / "model.safetensors")], capture_output=True, text=True)
+    assert out.returncode == 1 and "is not an SVD cache" in out.stderr
+    assert (tmp_path / "model.safetensors").read_bytes() == b"not a cache"

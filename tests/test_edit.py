@@ -228,6 +228,7 @@ def test_no_inversion_starts_from_each_seeds_noise(setup, trained, plain, tmp_pa
 @pytest.mark.parametrize("case,words", [
     ("missing image", "no such folder or image file"),
     ("unreadable image", "cannot be read as an image"),
+    ("folder as image", "is a folder; edit.py edits one photo"),
     ("empty prompt", "--prompt is empty"),
     ("empty edit", "--edit prompt is empty"),
     ("no edit", "no --edit"),
@@ -248,6 +249,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
     elif case == "unreadable image":
         (tmp_path / "broken.jpg").write_bytes(b"not an image")
         args[1] = tmp_path / "broken.jpg"
+    elif case == "folder as image":
+        args[1] = args[1].parent
     elif case == "empty prompt":
         args[3] = " "
     elif case == "empty edit":

@@ -95,19 +95,23 @@ def test_sdxl_images_equal_stable_diffusion_xl_pipeline(tmp_path, bpe_vocab, lay
         tuple(list(p) for p in sizes or ((64, 64), (0, 0), (64, 64)))
 
 
-def test_default_size_is_the_models_and_micro_conditioning_is_sdxls(tmp_path, bpe_vocab):
-    """--height/--width default to 512 (SD 1.x/2.x) or 1024 (SDXL), resolved once the model is loaded; the size
-    flags of SDXL's label_emb are refused for a model without one, before anything is written."""
+def test_default_size_is_the_models_and_micro_conditioning_is_sdxls(tmp_path, bpe_vocab, monkeypatch):
+    """--height/--width default to 512 (SD 1.x/2.x) or 1024 (SDXL), from the model's family; the size flags of
+    SDXL's label_emb are refused for a model without one, before the model is loaded or anything is written."""
     a = sample.parse_args(["--prompt", "p", "--crops-coords-top-left", "8", "0"])
-    sample.resolve_sizes(a, sd.StableDiffusion(None, None, None, None, "sdxl", "epsilon"))
+    sample.resolve_sizes(a, "sdxl")
     assert (a.height, a.width, a.original_size, a.crops_coords_top_left, a.target_size) == \
         (1024, 1024, [1024, 1024], [8, 0], [1024, 1024])
     for family in ("sd1", "sd2"):
         a = sample.parse_args(["--prompt", "p", "--width", "640"])
-        sample.resolve_sizes(a, sd.StableDiffusion(None, None, None, None, family, "epsilon"))
+        sample.resolve_sizes(a, family)
         assert (a.height, a.width, a.original_size, a.target_size) == (512, 640, None, None)
     model = tmp_path / "m.safetensors"
     tiny.write_single_file(model, "sd1")
+    monkeypatch.setattr(sd, "load", lambda *args, **kwargs: pytest.fail("loaded before the flags were checked"))
+    with pytest.raises(ValueError, match="--original-size: SDXL's micro-conditioning, but the model is sd1"):
+        sample.main(["--model", str(model), "--prompt", "x", "--original-size", "64", "64", "--device", "cpu"])
+    monkeypatch.undo()
     r = run_cli("--model", str(model), "--prompt", "x", "--target-size", "64", "64", "--out", str(tmp_path / "out"),
                 "--device", "cpu")
     assert r.returncode == 1 and "--target-size: SDXL's micro-conditioning, but the model is sd1" in r.stderr

@@ -149,6 +149,9 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     assert "truncated" in _error(path)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     assert "corrupt" in _error(path)
+    for header in (b"[]", b'{"a": 1}', b'{"a": {"dtype": "F32"}}'):  # JSON, but not of a safetensors header
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        assert "corrupt" in _error(path)
 
 
 def test_corrupt_ckpt_is_a_clear_error(tmp_path):

@@ -98,6 +98,10 @@ def test_cli_errors_are_one_line(trained, tmp_path):
     assert r.returncode == 1 and "no such shift file" in r.stderr and "Traceback" not in r.stderr
     r = cli("export-merged", path, "--model", tmp_path, "--out", tmp_path / "m.safetensors")
     assert r.returncode == 1 and "folder" in r.stderr and not (tmp_path / "m.safetensors").exists()
+    r = cli("combine", path, "--out", tmp_path)
+    assert r.returncode == 1 and "is a folder; name the file" in r.stderr and "Traceback" not in r.stderr
+    r = cli("combine", path, "--out", tmp_path / "new" / "sum.safetensors")  # its folder is made
+    assert r.returncode == 0 and (tmp_path / "new" / "sum.safetensors").is_file(), r.stderr
     # a missing shift file is named (its :SCALE parsed off) before any model is loaded
     r = cli("export-lora", tmp_path / "nope.safetensors:0.5", "--model", tmp_path / "no-model.safetensors",
             "--out", tmp_path / "l.safetensors")
@@ -158,3 +162,46 @@ def test_cli_export_merged_keeps_an_fp16_checkpoint_fp16_with_the_shifts_baked_i
             U, S, Vh = torch.linalg.svd(W.flatten(1), full_matrices=False)
             expected = ((U * torch.relu(S + d)) @ Vh).reshape(W.shape)
         assert (after[k].double() - expected).abs().max() <= 1e-3 * expected.abs().max(), k
+
+
+def test_a_rank_limited_file_applies_and_combines_as_trained(tmp_path, bpe_vocab):
+    """train.py --rank k writes δ of the k largest singular values: applied to the base model (full-rank shifts),
+    the others' δ is 0, which leaves them as they were, so the merged weights equal the rank-k model's; combined
+    with a full-rank file, the sum is taken over the first k and the rest comes from the full file alone."""
+    base = tmp_path / "base.safetensors"
+    tiny.write_single_file(base, "sd1")
+    limited = sd.load(base, vocab=bpe_vocab)
+    svdiff.add_spectral_shifts(limited, rank=2, progress=False)
+    random_deltas_(limited, 2)
+    shifts.save_shift_file(limited, tmp_path / "rank2.safetensors", rank=2)
+    full = sd.load(base, vocab=bpe_vocab)
+    svdiff.add_spectral_shifts(full, progress=False)
+    random_deltas_(full, 3)
+    shifts.save_shift_file(full, tmp_path / "full.safetensors")
+
+    applied = sd.load(base, vocab=bpe_vocab)
+    shifts.apply_shift_files(applied, [str(tmp_path / "rank2.safetensors")])
+    svdiff.bake(limited)  # W_δ in place of W, wrappers removed, as apply_shift_files leaves a model
+    for component in ("unet", "text_encoder"):
+        want = dict(getattr(limited, component).named_parameters())
+        got = dict(getattr(applied, component).named_parameters())
+        assert got.keys() == want.keys()
+        assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+
+    combined, meta = shifts.combine_files([str(tmp_path / "rank2.safetensors"), str(tmp_path / "full.safetensors")])
+    assert meta["rank"] == ""  # no limit: the full file's
+    for k, m in svdiff.shifts(full):
+        short = shifts.read_shift_file(tmp_path / "rank2.safetensors")[0][k]
+        assert torch.equal(combined[k][:len(short)], short + m.delta.detach()[:len(short)])
+        assert torch.equal(combined[k][len(short):], m.delta.detach()[len(short):])
+
+
+def test_a_named_layer_range_is_whole_name_parts():
+    """--mix input_blocks.1 is that block, not blocks 10 and 11 (SD1.5 has 12); a range takes its numbers."""
+    key = "model.diffusion_model.{}.0.proj_in.weight".format
+    assert shifts.in_layer_range(key("input_blocks.1"), ["input_blocks.1"])
+    assert not shifts.in_layer_range(key("input_blocks.10"), ["input_blocks.1"])
+    assert not shifts.in_layer_range(key("output_blocks.11"), ["output_blocks.1"])
+    assert shifts.in_layer_range(key("input_blocks.10"), ["input_blocks.4-10"])
+    assert not shifts.in_layer_range(key("input_blocks.11"), ["input_blocks.4-10"])
+    assert shifts.in_layer_range("model.diffusion_model.middle_block.1.proj_in.weight", ["middle_block"])

@@ -119,6 +119,8 @@ def test_rank_limit_shifts_only_the_largest_singular_values():
     y_dense = layer(x)
     layer.mode = "factored"
     assert rel(layer(x), y_dense) <= 1e-5
+    layer.mode = "naive"  # (the rest of W is not in the k factors: naive keeps it)
+    assert rel(layer(x), y_dense) <= 1e-5
     full = svdiff.SpectralShift(base)
     with torch.no_grad():
         full.delta.zero_()

@@ -97,6 +97,10 @@ def test_prior_preservation_generates_and_reuses_class_images(setup):
     assert all(l["prior_loss"] > 0 for l in log)
     r = run(*args, "--overwrite")
     assert r.returncode == 0 and "generating" not in r.stdout  # cached class images are reused
+    # a damaged file in the class folder is skipped with a warning, as in --images
+    (out / "class_images" / "dog" / "000-broken.png").write_bytes(b"not an image")
+    r = run(*args, "--overwrite")
+    assert r.returncode == 0 and "000-broken.png (UnidentifiedImageError)" in r.stderr, r.stderr[-2000:]
 
 
 def test_killed_run_resumes_to_the_same_final_step_and_log(setup):
@@ -130,12 +134,15 @@ def losses(out):
 
 
 def test_resumed_run_ends_bit_exact_as_the_uninterrupted_run_from_the_fp32_delta(setup):
-    """Stopped at step 4 and resumed to 6, with --half shift files (so resuming from the file's fp16 δ would show)
-    and every source of randomness in play (--flip, latent sampling, noise, timesteps)."""
+    """Stopped at step 4 (its log's last line cut off mid-write) and resumed to 6, with --half shift files (so
+    resuming from the file's fp16 δ would show) and every source of randomness in play (--flip, latent sampling,
+    noise, timesteps)."""
     flags = ["--save-every", 2, "--half", "--flip", "--lr", "5e-3"]
     whole, part = setup / "whole", setup / "part"
     assert run(*common(setup, whole, 6, *flags)).returncode == 0
     assert run(*common(setup, part, 4, *flags)).returncode == 0
+    with open(part / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut off by the crash (dropped, as every line after the last save)
     r = run(*common(setup, part, 6, *flags, "--resume"))
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = resume_delta(whole), resume_delta(part)
@@ -229,6 +236,13 @@ def test_sd2_v_prediction_trains_on_the_v_target_and_lowers_the_v_loss(setup, tm
     ("resolution", "multiple of 8"),
     ("nan", "with the shifts of step 1"),
     ("learning rate", "--lr must be a positive finite number"),
+    ("rank", "--rank must be at least 1"),
+    ("sample steps", "--sample-steps must be between 1 and 1000"),
+    ("class steps", "--class-steps must be between 1 and 1000"),
+    ("device name", "--device 'gpu' is not a device"),
+    ("empty token", "--token is empty"),
+    ("svd cache is a checkpoint", "is not an SVD cache"),
+    ("svd cache is not safetensors", "is not an SVD cache"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, words):
     out = tmp_path / "out"
@@ -246,6 +260,20 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
         args[args.index("--resolution") + 1] = "100"
     elif case == "learning rate":
         args += ["--lr", "1e39"]  # beyond float32
+    elif case in ("rank", "sample steps", "class steps", "device name"):
+        args += {"rank": ["--rank", "0"], "sample steps": ["--sample-steps", "1001"],
+                 "class steps": ["--class-steps", "0"], "device name": ["--device", "gpu"]}[case]
+    elif case == "empty token":
+        args[args.index("--token") + 1] = " "
+    elif case.startswith("svd cache"):  # a checkpoint named by mistake: never overwritten
+        from safetensors.torch import save_file
+        cache = tmp_path / "v1-5.safetensors"
+        if case.endswith("checkpoint"):
+            save_file({"model.diffusion_model.out.2.weight": torch.ones(3)}, str(cache))
+        else:
+            cache.write_bytes(b"PK not a safetensors file")
+        args += ["--svd-cache", cache]
+        kept = cache.read_bytes()
     elif case == "nan":
         args += ["--lr", "1e30", "--save-every", "1"]  # δ_1 = ±1e30: finite, but its loss is not
     r = run(*args, env=env)
@@ -253,6 +281,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
     assert words in r.stderr and "Traceback" not in r.stderr
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1
+    if case.startswith("svd cache"):
+        assert cache.read_bytes() == kept
     if case != "nan":
         assert not out.exists()
     else:  # no shift file whose δ gave a finite loss existed yet, so none was written
