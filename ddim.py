@@ -14,22 +14,15 @@ def alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def timesteps(num_steps: int, spacing: str = "leading", steps_offset: int = 1, num_train_timesteps=1000):
-    """The descending timesteps of an N-step sampler. "leading" (SD's): 0, r, 2r, ... + offset with r = 1000 // N;
-    "trailing": 1000, 1000 - r', ... - 1 with r' = 1000 / N."""
+def timesteps(num_steps: int, num_train_timesteps=1000):
+    """The descending timesteps of an N-step sampler, SD's "leading" spacing: 0, r, 2r, ... + 1 with r = 1000 // N
+    (what the samplers' step t -> t - r assumes)."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"the number of steps must be between 1 and {num_train_timesteps}, got {num_steps}")
-    if spacing == "leading":
-        r = num_train_timesteps // num_steps
-        # the offset may not push the last step past the schedule: N = 1000 gives 0..999 (diffusers fails there)
-        offset = min(steps_offset, num_train_timesteps - 1 - (num_steps - 1) * r)
-        t = torch.arange(num_steps) * r + offset
-    elif spacing == "trailing":
-        t = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).long() - 1
-        return t
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; use leading or trailing")
-    return t.flip(0).long()
+    r = num_train_timesteps // num_steps
+    # the offset 1 may not push the last step past the schedule: N = 1000 gives 0..999 (diffusers fails there)
+    offset = min(1, num_train_timesteps - 1 - (num_steps - 1) * r)
+    return (torch.arange(num_steps) * r + offset).flip(0).long()
 
 
 def add_noise(x0, noise, t, alphas_cumprod):

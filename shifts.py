@@ -145,15 +145,15 @@ def combine_files(specs, mix=None):
                                  f"{first_meta.get(field)}; shifts of different base models cannot be combined")
     if mix is not None and len(read) != 2:
         raise ValueError("style mixing takes exactly two files: layers in the ranges from the second, rest from the first")
-    combined = {}
+    terms = {}  # key -> [(δ, scale)] of the files that shift it
     for i, ((path, scale), (tensors, _)) in enumerate(read):
         for k, d in tensors.items():
-            if mix is not None and in_layer_range(k, mix) != (i == 1):
-                continue
-            if k in combined:  # files of different --rank: the shorter δ is zero-padded (exact, see fit_length)
-                n = max(combined[k].shape[0], d.shape[0])
-                combined[k], d = F.pad(combined[k], (0, n - combined[k].shape[0])), F.pad(d, (0, n - d.shape[0]))
-            combined[k] = combined.get(k, 0) + combine([d], [scale])
+            if mix is None or in_layer_range(k, mix) == (i == 1):
+                terms.setdefault(k, []).append((d, scale))
+    combined = {}
+    for k, ds in terms.items():  # files of different --rank: the shorter δ is zero-padded (exact, see fit_length)
+        n = max(d.shape[0] for d, _ in ds)
+        combined[k] = combine([fit_length(d, n, k) for d, _ in ds], [s for _, s in ds])
     ranks = [meta.get("rank", "") for _, (_, meta) in read]  # "": no limit
     return combined, dict(first_meta, rank="" if "" in ranks else str(max(map(int, ranks))))
 
