@@ -279,7 +279,8 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; try --grad-checkpointing, --resolution 384 or --dtype fp16", file=sys.stderr)
+        print("error: out of GPU memory; try --grad-checkpointing, a smaller --resolution or --dtype fp16",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

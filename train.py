@@ -538,7 +538,7 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; try --grad-checkpointing, --batch-size 1, --resolution 384, "
+        print("error: out of GPU memory; try --grad-checkpointing, --batch-size 1, a smaller --resolution, "
               "--subset unet (no text encoder) or --dtype fp16", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
