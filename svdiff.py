@@ -6,8 +6,8 @@ is factored once, W = U diag(σ) Vᵀ, and a "spectral shift" δ is trained (Eq.
     W_δ = U diag(ReLU(σ + δ)) Vᵀ,   computed as   W + U diag(ReLU(σ + δ) - σ) Vᵀ
 
 where W is read (the dense path, `merge`), so that δ = 0 gives W exactly (the authors add the SVD residual back for
-the same reason); the factored path computes with the factors themselves, exact up to the SVD's rounding (≤ 1e-6). Norm scales γ get a
-full-length additive shift γ + δ, as in the official code. Biases stay frozen.
+the same reason); the factored path computes with the factors themselves, exact up to the SVD's rounding (≤ 1e-6).
+Norm scales γ get a full-length additive shift γ + δ, as in the official code. Biases stay frozen.
 
 Shift files (the δ on disk, combining them, applying them to a model) are in shifts.py.
 
