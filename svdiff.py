@@ -98,6 +98,8 @@ def attention_size(tokens, H, W):
 def token_positions(tokenizer, prompt, word):
     """Indices in the 77 context tokens of `word` inside `prompt` (all of its BPE pieces; BOS is index 0)."""
     ids, piece = tokenizer.encode(prompt), tokenizer.encode(word)
+    if not piece:  # (an empty word would "occur" at 0 with no positions: a NaN loss later)
+        raise ValueError(f"{word!r} has no tokens; name the subject with a word such as sks")
     for i in range(len(ids) - len(piece) + 1):
         if ids[i:i + len(piece)] == piece:
             if 1 + i + len(piece) > 76:  # BOS + 75 tokens + EOS: the rest is cut

@@ -75,6 +75,8 @@ def test_token_positions_find_each_subject_including_multi_token_words(bpe_vocab
         svdiff.token_positions(tok, prompt, "cat")
     with pytest.raises(ValueError, match="77 tokens"):
         svdiff.token_positions(tok, "word " * 80 + "sks", "sks")
+    with pytest.raises(ValueError, match="has no tokens"):  # not [] (a NaN loss at the step that draws it)
+        svdiff.token_positions(tok, prompt, " ")
 
 
 def separated_probs(h=4, w=6, leak=0.0):
