@@ -86,6 +86,8 @@ def test_relu_clamps_singular_values_pushed_below_zero():
 
 @pytest.mark.parametrize("norm", [nn.GroupNorm(4, 8), nn.LayerNorm(8)])
 def test_norm_scale_gets_a_full_length_additive_shift(norm):
+    with torch.no_grad():
+        norm.weight.normal_()  # not the default γ = 1, on which γ·(1 + δ) equals γ + δ
     layer = svdiff.SpectralShift(norm.requires_grad_(False))
     assert layer.delta.shape == (8,)
     x = torch.randn(2, 8, 3, 3) if isinstance(norm, nn.GroupNorm) else torch.randn(2, 5, 8)
@@ -127,6 +129,32 @@ def test_rank_limit_shifts_only_the_largest_singular_values():
         full.delta[:4] = layer.delta
     full.mode = "naive"
     assert rel(full(x), y_dense) <= 1e-5
+
+
+def test_merging_twice_is_merging_once_and_unmerge_brings_the_live_shift_back():
+    make, shape = LAYERS["linear-few-tokens"]
+    base, layer = shifted(make)
+    W, x = base.weight.clone(), torch.randn(shape)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(layer.delta.shape) * layer.sigma)
+        y = layer(x)
+        layer.merge()
+        layer.merge()  # a no-op: ΔW is not added twice
+        assert rel(layer(x), y) <= 1e-5
+        layer.unmerge()
+        assert torch.equal(base.weight, W)
+        assert rel(layer(x), y) <= 1e-5  # W back, and the layer computes W_δ from δ again
+        layer.delta.zero_()
+        assert rel(layer(x), base(x)) <= 1e-6
+
+
+def test_rank_limited_layers_keep_the_weight_they_read(tmp_path, bpe_vocab):
+    """With --rank k a layer computes W x plus the shift of its k largest σ: it reads W at any token count, so
+    drop_weights frees none of it."""
+    model = tiny_model(tmp_path, bpe_vocab)
+    svdiff.add_spectral_shifts(model, rank=2, progress=False)
+    assert svdiff.drop_weights(model) == 0
+    assert not any(m.dropped for _, m in svdiff.shifts(model))
 
 
 def tiny_model(tmp_path, bpe_vocab, family="sd1"):
@@ -217,11 +245,20 @@ def test_shift_file_round_trip_keys_and_errors(tmp_path, bpe_vocab):
     shifts.load_shift_file(other, path)
     assert all(torch.equal(a.delta, b.delta) for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(other)))
 
+    scaled = tiny_model(tmp_path, bpe_vocab, "sd2")
+    svdiff.add_spectral_shifts(scaled, progress=False)
+    shifts.load_shift_file(scaled, path, scale=-0.5)
+    assert all(torch.equal(b.delta, -0.5 * a.delta) for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(scaled)))
+
     other = other_tiny_model(tmp_path, bpe_vocab, "sd2")  # another base model: refused unless forced
     svdiff.add_spectral_shifts(other, progress=False)
     with pytest.raises(ValueError, match="different base model"):
         shifts.load_shift_file(other, path)
     shifts.load_shift_file(other, path, force=True)
+    sd1 = tiny_model(tmp_path, bpe_vocab, "sd1")  # another family: refused even when forced
+    svdiff.add_spectral_shifts(sd1, subset="unet", progress=False)
+    with pytest.raises(ValueError, match="shifts for an sd2 model, but the base model is sd1"):
+        shifts.load_shift_file(sd1, path, force=True)
 
     from safetensors.torch import save_file
     bad = dict(tensors)
@@ -398,7 +435,7 @@ def test_svd_cache_is_reused_for_the_same_base_and_ignored_for_another(tmp_path,
     assert svdiff.load_svd_cache(cache, again)  # same base weights: the factors are reused
     svdiff.add_spectral_shifts(again, subset="cross-attn", cache=cache, progress=False)
     for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(again)):
-        assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma)
+        assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma) and torch.equal(a.Vh, b.Vh)
     assert svdiff.load_svd_cache(cache, other_tiny_model(tmp_path, bpe_vocab)) == {}
     assert "other base weights" in capsys.readouterr().err
 
