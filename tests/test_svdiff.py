@@ -248,7 +248,8 @@ def test_shift_file_round_trip_keys_and_errors(tmp_path, bpe_vocab):
     scaled = tiny_model(tmp_path, bpe_vocab, "sd2")
     svdiff.add_spectral_shifts(scaled, progress=False)
     shifts.load_shift_file(scaled, path, scale=-0.5)
-    assert all(torch.equal(b.delta, -0.5 * a.delta) for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(scaled)))
+    assert all(torch.equal(b.delta, -0.5 * a.delta)
+               for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(scaled)))
 
     other = other_tiny_model(tmp_path, bpe_vocab, "sd2")  # another base model: refused unless forced
     svdiff.add_spectral_shifts(other, progress=False)
