@@ -75,6 +75,10 @@ def test_token_positions_find_each_subject_including_multi_token_words(bpe_vocab
         svdiff.token_positions(tok, prompt, "cat")
     with pytest.raises(ValueError, match="77 tokens"):
         svdiff.token_positions(tok, "word " * 80 + "sks", "sks")
+    last = "a " * 74 + "sks"  # sks is the 75th token, the last one kept before EOS
+    assert svdiff.token_positions(tok, last, "sks") == [75] and tok([last])[0][75] == tok.encode("sks")[0]
+    with pytest.raises(ValueError, match="77 tokens"):  # the 76th is cut: EOS takes its place
+        svdiff.token_positions(tok, "a " + last, "sks")
 
 
 def separated_probs(h=4, w=6, leak=0.0):
