@@ -301,6 +301,16 @@ def test_sd15_counts_are_the_papers():
     assert count("up") + count("down") + count("mid") < count("unet")
 
 
+def test_the_keys_of_a_shift_file_select_exactly_its_layers():
+    with torch.device("meta"):
+        model = sd.StableDiffusion(unet_lib.UNet(unet_lib.UNetConfig()), None,
+                                   clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
+    keys = {"model.diffusion_model.middle_block.1.proj_in.weight",
+            "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"}
+    chosen = svdiff.shiftable_modules(model, keys=keys)
+    assert {sd.checkpoint_key(c, n + ".weight", "sd1") for c, n, _ in chosen} == keys and len(chosen) == 2
+
+
 def write_all_shifts(model, folder):
     """A shift file of every δ of `all` (zeros, the original key names) in fp32 and in fp16: their sizes."""
     from safetensors.torch import save_file
@@ -409,6 +419,13 @@ def test_slerp_between_orthogonal_latents_of_equal_norm_keeps_the_norm():
         assert (out - rotated).abs().max() <= 1e-5
 
 
+def test_slerp_of_parallel_latents_is_their_lerp():
+    """cos θ of a latent with itself rounds to just above 1 in float32 for some samples: clamped, never NaN."""
+    z = torch.randn(16, 4, 8, 8)
+    assert torch.allclose(svdiff.slerp(0.3, z, z), z, atol=1e-5)
+    assert torch.allclose(svdiff.slerp(0.3, z, 2 * z), 1.3 * z, atol=1e-5)
+
+
 def test_prior_preservation_loss_is_instance_plus_weighted_prior():
     p, t, pp, pt = (torch.randn(2, 4, 8, 8) for _ in range(4))
     loss, prior = svdiff.prior_preservation_loss(p, t, pp, pt, 0.5)
@@ -439,6 +456,10 @@ def test_svd_cache_is_reused_for_the_same_base_and_ignored_for_another(tmp_path,
         assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma) and torch.equal(a.Vh, b.Vh)
     assert svdiff.load_svd_cache(cache, other_tiny_model(tmp_path, bpe_vocab)) == {}
     assert "other base weights" in capsys.readouterr().err
+    from safetensors.torch import load_file, save_file
+    meta = shifts.read_shift_file(cache)[1]
+    save_file(load_file(str(cache)), str(cache), metadata=dict(meta, layout="U,S,V"))  # an older layout
+    assert svdiff.load_svd_cache(cache, again) == {} and "older layout" in capsys.readouterr().err
 
 
 def test_shift_file_without_fingerprint_warns_and_applies(tmp_path, bpe_vocab):
