@@ -60,6 +60,12 @@ def test_half_masks_line_up_with_the_halves_at_every_attention_resolution(H, W):
         assert (columns[svdiff.half_mask(h, w, "right")] >= w / 2).all()
 
 
+def test_a_token_count_that_no_level_of_the_latent_has_is_refused():
+    assert svdiff.attention_size(64, 8, 8) == (8, 8) and svdiff.attention_size(4, 8, 8) == (2, 2)
+    with pytest.raises(ValueError, match="10 attention tokens do not fit a 8x8 latent"):
+        svdiff.attention_size(10, 8, 8)
+
+
 def test_token_positions_find_each_subject_including_multi_token_words(bpe_vocab):
     tok = sd.clip_text.Tokenizer.from_bpe(bpe_vocab, 49407)
     prompt = "a photo of a sks dog on the left and a zwxqvf sculpture on the right"
@@ -77,6 +83,10 @@ def test_token_positions_find_each_subject_including_multi_token_words(bpe_vocab
         svdiff.token_positions(tok, "word " * 80 + "sks", "sks")
     with pytest.raises(ValueError, match="has no tokens"):  # not [] (a NaN loss at the step that draws it)
         svdiff.token_positions(tok, prompt, " ")
+    last = "a " * 74 + "sks"  # sks is the 75th token, the last one kept before EOS
+    assert svdiff.token_positions(tok, last, "sks") == [75] and tok([last])[0][75] == tok.encode("sks")[0]
+    with pytest.raises(ValueError, match="77 tokens"):  # the 76th is cut: EOS takes its place
+        svdiff.token_positions(tok, "a " + last, "sks")
 
 
 def separated_probs(h=4, w=6, leak=0.0):

@@ -86,6 +86,20 @@ def test_fingerprint_of_a_model_built_in_memory_is_taken_before_weights_are_drop
     assert svdiff.fingerprint(built) == svdiff.fingerprint(loaded)
 
 
+def test_fingerprint_of_a_model_shifted_before_its_first_use_is_that_of_its_base_weights(layouts, bpe_vocab):
+    """Digested only once shifts were added and trained, by drop_weights before it frees W: the wrapped weights
+    under their own names, δ left out."""
+    from conftest import random_deltas_
+    root, _ = layouts
+    loaded = sd.load(root / "model.safetensors", vocab=bpe_vocab)
+    built = sd.StableDiffusion(loaded.unet, None, loaded.text_encoder, None, loaded.family, "epsilon",
+                               text_encoder_2=loaded.text_encoder_2)
+    svdiff.add_spectral_shifts(built, progress=False)
+    random_deltas_(built, 0)
+    assert svdiff.drop_weights(built) > 0
+    assert svdiff.fingerprint(built) == svdiff.fingerprint(loaded)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Through the commands: train in fp32 (file in fp16), sample in bf16 and fp16; another base model is refused
 

@@ -1,10 +1,11 @@
 """shifts.py: LoRA export is the exact rank-k truncation; merged export loads as an ordinary model; the CLI."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sd
 import shifts
@@ -30,9 +31,9 @@ def trained(tmp_path, bpe_vocab):
 def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
     model, _, _ = trained
     k = 3
-    shifts.export_lora(model, tmp_path / "lora.safetensors", rank=k, dtype=torch.float32)
+    total = shifts.export_lora(model, tmp_path / "lora.safetensors", rank=k, dtype=torch.float32)
     lora = load_file(str(tmp_path / "lora.safetensors"))
-    checked = 0
+    checked, lost, norm = 0, 0.0, 0.0
     for component in ("unet", "text_encoder"):
         for name, layer in getattr(model, component).named_modules():
             if not isinstance(layer, svdiff.SpectralShift) or layer.kind in ("norm", "embedding"):
@@ -48,7 +49,9 @@ def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
             ours = torch.cat(ups) @ down
             assert (ours - best).abs().max() <= 1e-5 * max(1.0, best.abs().max().item()), name
             checked += 1
+            lost, norm = lost + (dW - best).square().sum().item(), norm + dW.square().sum().item()
     assert checked > 20
+    assert total == pytest.approx((lost / norm) ** 0.5, rel=1e-6)  # ‖ΔW - LoRA‖ / ‖ΔW‖ over all layers
     assert any(n.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.") for n in lora)
     assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_v_proj.") for n in lora)
     assert lora["lora_unet_conv_in.lora_down.weight"].ndim == 4
@@ -69,6 +72,25 @@ def test_merged_export_loads_as_an_ordinary_model_with_the_shifts_baked_in(train
     out = load_file(str(tmp_path / "merged.safetensors"))
     assert set(base) == set(out) and all(base[k].dtype == out[k].dtype for k in base)
     assert torch.equal(base["cond_stage_model.model.text_projection"], out["cond_stage_model.model.text_projection"])
+
+
+def test_merged_export_refuses_a_source_that_lacks_a_shifted_weight(trained, tmp_path):
+    model, base_path, _ = trained
+    source = load_file(str(base_path))
+    del source["model.diffusion_model.out.2.weight"]
+    save_file(source, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="lacks 1 shifted weights"):
+        shifts.export_merged(model, tmp_path / "other.safetensors", tmp_path / "merged.safetensors")
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_applying_a_file_with_a_key_the_model_lacks_names_it(trained, bpe_vocab):
+    _, base_path, path = trained
+    tensors, meta = shifts.read_shift_file(path)
+    tensors["model.diffusion_model.nope.weight"] = torch.zeros(3)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="key model.diffusion_model.nope.weight of the shift files is not a weight"):
+        shifts.apply_shift_files(sd.load(base_path, vocab=bpe_vocab), [str(path)])
 
 
 def cli(*args):
@@ -174,6 +196,7 @@ def test_a_rank_limited_file_applies_and_combines_as_trained(tmp_path, bpe_vocab
     svdiff.add_spectral_shifts(limited, rank=2, progress=False)
     random_deltas_(limited, 2)
     shifts.save_shift_file(limited, tmp_path / "rank2.safetensors", rank=2)
+    assert shifts.read_shift_file(tmp_path / "rank2.safetensors")[1]["rank"] == "2"
     full = sd.load(base, vocab=bpe_vocab)
     svdiff.add_spectral_shifts(full, progress=False)
     random_deltas_(full, 3)
@@ -205,3 +228,33 @@ def test_a_named_layer_range_is_whole_name_parts():
     assert shifts.in_layer_range(key("input_blocks.10"), ["input_blocks.4-10"])
     assert not shifts.in_layer_range(key("input_blocks.11"), ["input_blocks.4-10"])
     assert shifts.in_layer_range("model.diffusion_model.middle_block.1.proj_in.weight", ["middle_block"])
+
+
+def shift_file(path, length, fingerprint="0" * 16, rank=""):
+    """A shift file of one layer's δ (1, 2, ..., length) with our metadata, written without a model."""
+    save_file({"model.diffusion_model.out.2.weight": torch.arange(1.0, length + 1)}, str(path),
+              metadata={"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sd1", "subset": "all",
+                        "rank": rank, "fingerprint": fingerprint})
+    return str(path)
+
+
+def test_files_of_two_rank_limits_combine_under_the_larger_one(tmp_path):
+    two, four = shift_file(tmp_path / "a.safetensors", 2, rank="2"), shift_file(tmp_path / "b.safetensors", 4, rank="4")
+    combined, meta = shifts.combine_files([two, f"{four}:-1"])
+    assert meta["rank"] == "4" and combined["model.diffusion_model.out.2.weight"].tolist() == [0, 0, -3, -4]
+
+
+def test_combining_files_of_other_base_models_or_mixing_three_is_refused(tmp_path):
+    two, four = shift_file(tmp_path / "a.safetensors", 2), shift_file(tmp_path / "b.safetensors", 4)
+    other = shift_file(tmp_path / "c.safetensors", 2, fingerprint="1" * 16)
+    with pytest.raises(ValueError, match="fingerprint .* differs"):
+        shifts.combine_files([two, other])
+    with pytest.raises(ValueError, match="exactly two files"):
+        shifts.combine_files([two, four, two], mix=["output_blocks.0-5"])
+
+
+def test_a_spec_is_a_path_and_an_optional_numeric_scale():
+    for spec, path, scale in (("a.st", "a.st", 1.0), ("a.st:0.5", "a.st", 0.5), ("a.st:-1", "a.st", -1.0),
+                              ("a.st:.25", "a.st", 0.25), ("a.st:1e-3", "a.st", 1e-3), ("C:/b/a.st", "C:/b/a.st", 1.0),
+                              ("run:1/a.st:2", "run:1/a.st", 2.0)):
+        assert shifts.parse_spec(spec) == (Path(path), scale), spec

@@ -86,6 +86,8 @@ def test_relu_clamps_singular_values_pushed_below_zero():
 
 @pytest.mark.parametrize("norm", [nn.GroupNorm(4, 8), nn.LayerNorm(8)])
 def test_norm_scale_gets_a_full_length_additive_shift(norm):
+    with torch.no_grad():
+        norm.weight.normal_()  # not the default γ = 1, on which γ·(1 + δ) equals γ + δ
     layer = svdiff.SpectralShift(norm.requires_grad_(False))
     assert layer.delta.shape == (8,)
     x = torch.randn(2, 8, 3, 3) if isinstance(norm, nn.GroupNorm) else torch.randn(2, 5, 8)
@@ -127,6 +129,32 @@ def test_rank_limit_shifts_only_the_largest_singular_values():
         full.delta[:4] = layer.delta
     full.mode = "naive"
     assert rel(full(x), y_dense) <= 1e-5
+
+
+def test_merging_twice_is_merging_once_and_unmerge_brings_the_live_shift_back():
+    make, shape = LAYERS["linear-few-tokens"]
+    base, layer = shifted(make)
+    W, x = base.weight.clone(), torch.randn(shape)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(layer.delta.shape) * layer.sigma)
+        y = layer(x)
+        layer.merge()
+        layer.merge()  # a no-op: ΔW is not added twice
+        assert rel(layer(x), y) <= 1e-5
+        layer.unmerge()
+        assert torch.equal(base.weight, W)
+        assert rel(layer(x), y) <= 1e-5  # W back, and the layer computes W_δ from δ again
+        layer.delta.zero_()
+        assert rel(layer(x), base(x)) <= 1e-6
+
+
+def test_rank_limited_layers_keep_the_weight_they_read(tmp_path, bpe_vocab):
+    """With --rank k a layer computes W x plus the shift of its k largest σ: it reads W at any token count, so
+    drop_weights frees none of it."""
+    model = tiny_model(tmp_path, bpe_vocab)
+    svdiff.add_spectral_shifts(model, rank=2, progress=False)
+    assert svdiff.drop_weights(model) == 0
+    assert not any(m.dropped for _, m in svdiff.shifts(model))
 
 
 def tiny_model(tmp_path, bpe_vocab, family="sd1"):
@@ -217,11 +245,21 @@ def test_shift_file_round_trip_keys_and_errors(tmp_path, bpe_vocab):
     shifts.load_shift_file(other, path)
     assert all(torch.equal(a.delta, b.delta) for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(other)))
 
+    scaled = tiny_model(tmp_path, bpe_vocab, "sd2")
+    svdiff.add_spectral_shifts(scaled, progress=False)
+    shifts.load_shift_file(scaled, path, scale=-0.5)
+    assert all(torch.equal(b.delta, -0.5 * a.delta)
+               for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(scaled)))
+
     other = other_tiny_model(tmp_path, bpe_vocab, "sd2")  # another base model: refused unless forced
     svdiff.add_spectral_shifts(other, progress=False)
     with pytest.raises(ValueError, match="different base model"):
         shifts.load_shift_file(other, path)
     shifts.load_shift_file(other, path, force=True)
+    sd1 = tiny_model(tmp_path, bpe_vocab, "sd1")  # another family: refused even when forced
+    svdiff.add_spectral_shifts(sd1, subset="unet", progress=False)
+    with pytest.raises(ValueError, match="shifts for an sd2 model, but the base model is sd1"):
+        shifts.load_shift_file(sd1, path, force=True)
 
     from safetensors.torch import save_file
     bad = dict(tensors)
@@ -261,6 +299,16 @@ def test_sd15_counts_are_the_papers():
     assert (count("1d"), count("2d"), count("4d")) == (100_160, 140_416, 82_280)
     assert (count("cross-attn"), count("cross-attn-kv")) == (43_776, 18_816)
     assert count("up") + count("down") + count("mid") < count("unet")
+
+
+def test_the_keys_of_a_shift_file_select_exactly_its_layers():
+    with torch.device("meta"):
+        model = sd.StableDiffusion(unet_lib.UNet(unet_lib.UNetConfig()), None,
+                                   clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
+    keys = {"model.diffusion_model.middle_block.1.proj_in.weight",
+            "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"}
+    chosen = svdiff.shiftable_modules(model, keys=keys)
+    assert {sd.checkpoint_key(c, n + ".weight", "sd1") for c, n, _ in chosen} == keys and len(chosen) == 2
 
 
 def write_all_shifts(model, folder):
@@ -371,6 +419,13 @@ def test_slerp_between_orthogonal_latents_of_equal_norm_keeps_the_norm():
         assert (out - rotated).abs().max() <= 1e-5
 
 
+def test_slerp_of_parallel_latents_is_their_lerp():
+    """cos θ of a latent with itself rounds to just above 1 in float32 for some samples: clamped, never NaN."""
+    z = torch.randn(16, 4, 8, 8)
+    assert torch.allclose(svdiff.slerp(0.3, z, z), z, atol=1e-5)
+    assert torch.allclose(svdiff.slerp(0.3, z, 2 * z), 1.3 * z, atol=1e-5)
+
+
 def test_prior_preservation_loss_is_instance_plus_weighted_prior():
     p, t, pp, pt = (torch.randn(2, 4, 8, 8) for _ in range(4))
     loss, prior = svdiff.prior_preservation_loss(p, t, pp, pt, 0.5)
@@ -398,9 +453,13 @@ def test_svd_cache_is_reused_for_the_same_base_and_ignored_for_another(tmp_path,
     assert svdiff.load_svd_cache(cache, again)  # same base weights: the factors are reused
     svdiff.add_spectral_shifts(again, subset="cross-attn", cache=cache, progress=False)
     for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(again)):
-        assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma)
+        assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma) and torch.equal(a.Vh, b.Vh)
     assert svdiff.load_svd_cache(cache, other_tiny_model(tmp_path, bpe_vocab)) == {}
     assert "other base weights" in capsys.readouterr().err
+    from safetensors.torch import load_file, save_file
+    meta = shifts.read_shift_file(cache)[1]
+    save_file(load_file(str(cache)), str(cache), metadata=dict(meta, layout="U,S,V"))  # an older layout
+    assert svdiff.load_svd_cache(cache, again) == {} and "older layout" in capsys.readouterr().err
 
 
 def test_shift_file_without_fingerprint_warns_and_applies(tmp_path, bpe_vocab):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import sd
 import shifts
+import svdiff
 import tiny
 from conftest import require_bpe_vocab
 
@@ -118,6 +119,20 @@ def test_converted_file_gives_their_outputs_where_conversion_is_exact(files, tmp
     ours, theirs = outputs(model.unet, model.text_encoder, False), outputs(ref["unet"], ref["text_encoder"], True)
     errors = rel(ours[0], theirs[0]), rel(ours[1], theirs[1])
     assert max(errors) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("files", ["sd2"], indirect=True)
+def test_sd2_text_qkv_shifted_by_both_kinds_of_file_is_refused(files, tmp_path):
+    """Ours shifts the fused in_proj's singular values, theirs those of its q/k/v blocks: no sum of the two is
+    either."""
+    _, base, _, path = files
+    model = sd.load(base, vocab=require_bpe_vocab())
+    svdiff.add_spectral_shifts(model, keys={"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"},
+                               progress=False)
+    shifts.save_shift_file(model, tmp_path / "ours.safetensors")
+    with pytest.raises(ValueError, match="in_proj_weight: shifted by an svdiff shift file and, as q/k/v"):
+        shifts.apply_shift_files(sd.load(base, vocab=require_bpe_vocab()),
+                                 [str(tmp_path / "ours.safetensors"), str(path)])
 
 
 def test_norm_delta_is_one_number_on_the_1xC_matrix(tmp_path):
