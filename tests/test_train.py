@@ -307,3 +307,58 @@ def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(setup, tmp_path, m
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "out of GPU memory" in err and "--grad-checkpointing" in err
+
+
+@pytest.mark.parametrize("flag,good,bad", [
+    ("--cutmix-prob", ["0", "1"], ["-0.1", "1.1"]),
+    ("--steps", ["1"], ["0"]),
+    ("--batch-size", ["1"], ["0"]),
+    ("--save-every", ["1"], ["0"]),
+    ("--num-class-images", ["1"], ["0"]),
+    ("--class-steps", ["1", "1000"], ["0", "1001"]),
+    ("--sample-steps", ["1", "1000"], ["0", "1001"]),
+    ("--sample-every", ["0"], ["-1"]),
+    ("--resolution", ["8"], ["0", "-8", "12"]),
+    ("--rank", ["1"], ["0"]),
+    ("--lr", ["1e-9"], ["0", "-1e-3", "inf", "nan"]),
+    ("--lr-1d", ["0"], ["-1e-6", "inf"]),
+    ("--prior-weight", ["0"], ["-1", "nan"]),
+    ("--unmix-weight", ["0"], ["-1", "inf"]),
+])
+def test_each_flags_bounds_are_accepted_and_one_past_them_refused(setup, tmp_path, flag, good, bad):
+    """check_args' limits exactly where --help says they are (0 is a valid --cutmix-prob, --prior-weight or
+    --sample-every; a resolution of 0 is not the default), before anything is loaded or written."""
+    check = lambda value: train.check_args(train.parse_args(list(map(str, common(setup, tmp_path / "out", 3,
+                                                                                 f"{flag}={value}")))))
+    for value in good:
+        check(value)
+    for value in bad:
+        with pytest.raises(ValueError, match=flag):
+            check(value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_prior_is_lambda_0_and_resume_with_overwrite_is_refused(setup, tmp_path):
+    argv = lambda *extra: list(map(str, ["--images", setup / "dog", "--token", "sks", "--model", setup / "model",
+                                         "--out", tmp_path / "out", *extra]))
+    assert train.resolve(train.parse_args(argv("--prior-weight", 2, "--no-prior"))).prior_weight == 0
+    assert train.resolve(train.parse_args(argv("--prior-weight", 2))).prior_weight == 2
+    with pytest.raises(ValueError, match="--resume and --overwrite contradict"):
+        train.resolve(train.parse_args(argv("--resume", "--overwrite")))
+
+
+def test_the_prior_loss_is_weighted_by_prior_weight(setup, tmp_path):
+    """Eq. 3: loss = instance loss + λ · prior loss. The first step of two runs that differ only in λ draws the same
+    batch with δ = 0: the same prior loss, and loss - λ · prior_loss the same instance loss."""
+    logged = {}
+    for weight in (0.5, 3.0):
+        a = train.resolve(train.parse_args(list(map(str, [
+            "--images", setup / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 1,
+            "--prior-weight", weight, "--num-class-images", 1, "--class-steps", 1, "--class-dir", tmp_path / "class",
+            "--sample-every", 0, "--out", tmp_path / str(weight)]))))
+        train.train(a)
+        line = json.loads((tmp_path / str(weight) / "log.jsonl").read_text().splitlines()[0])
+        logged[weight] = line["loss"], line["prior_loss"]
+    (loss_a, prior_a), (loss_b, prior_b) = logged[0.5], logged[3.0]
+    assert prior_a == prior_b > 0 and loss_a != loss_b
+    assert loss_a - 0.5 * prior_a == pytest.approx(loss_b - 3.0 * prior_b, rel=1e-5)
