@@ -362,3 +362,41 @@ def test_the_prior_loss_is_weighted_by_prior_weight(setup, tmp_path):
     (loss_a, prior_a), (loss_b, prior_b) = logged[0.5], logged[3.0]
     assert prior_a == prior_b > 0 and loss_a != loss_b
     assert loss_a - 0.5 * prior_a == pytest.approx(loss_b - 3.0 * prior_b, rel=1e-5)
+
+
+@pytest.mark.parametrize("no_captions", [False, True])
+def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monkeypatch, no_captions):
+    """A .txt caption belongs to its image: with the VAE's variance made 0 a row's latent IS its image's mean,
+    which says which image the row drew, and its prompt is that image's caption (the instance prompt for an image
+    without one); with --no-captions, the instance prompt for every row."""
+    import shutil
+    import vae as vae_lib
+    (tmp_path / "dog").mkdir()
+    captions = ["a sks dog on grass", "a sks dog in the snow", None]
+    for i, caption in enumerate(captions):
+        shutil.copy(setup / "dog" / f"{i}.png", tmp_path / "dog" / f"{i}.png")
+        if caption:
+            (tmp_path / "dog" / f"{i}.txt").write_text(caption)
+    a = train.resolve(train.parse_args(list(map(str, [
+        "--images", tmp_path / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 3,
+        "--batch-size", 2, "--no-prior", "--sample-every", 0, "--seed", 1, "--out", tmp_path / "out"]
+        + ["--no-captions"] * no_captions))))
+    real_encode, real_prompts, real_noise = vae_lib.VAE.encode, sd.encode_prompts, ddim.add_noise
+    monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
+                                                                torch.full_like(real_encode(self, x)[1], -60.0)))
+    rows = []
+    monkeypatch.setattr(ddim, "add_noise", lambda z, noise, t, al: rows.append([z]) or real_noise(z, noise, t, al))
+    monkeypatch.setattr(sd, "encode_prompts", lambda model, prompts, **sizes: rows[-1].append(prompts) or
+                        real_prompts(model, prompts, **sizes))
+    model = train.train(a)
+    monkeypatch.undo()
+    images, _, _ = data.load_image_folder(tmp_path / "dog", 64)
+    with torch.no_grad():
+        means = torch.cat([model.vae.encode(x[None])[0] for x in images]) * model.vae.cfg.scaling_factor
+    drawn = []
+    for z, prompts in rows:
+        for row, prompt in zip(z, prompts):
+            (i,), = ((means - row).abs().flatten(1).amax(-1) < 1e-4).nonzero().tolist()
+            assert prompt == ("a photo of sks dog" if no_captions else captions[i] or "a photo of sks dog")
+            drawn.append(i)
+    assert set(drawn) == {0, 1, 2}, drawn
