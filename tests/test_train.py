@@ -400,3 +400,38 @@ def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monke
             assert prompt == ("a photo of sks dog" if no_captions else captions[i] or "a photo of sks dog")
             drawn.append(i)
     assert set(drawn) == {0, 1, 2}, drawn
+
+
+def test_shifts_and_samples_are_written_every_n_steps_and_at_the_end(setup, tmp_path, monkeypatch):
+    saved = []
+    real_save = shifts.save_shift_file
+    monkeypatch.setattr(shifts, "save_shift_file", lambda *args, step, **kw: saved.append(step) or
+                        real_save(*args, step=step, **kw))
+    train.train(train.resolve(train.parse_args(list(map(str, common(setup, tmp_path / "out", 5, "--save-every", 2,
+                                                                    "--sample-every", 2, "--sample-steps", 1))))))
+    assert saved == [2, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == \
+        ["step_00002.png", "step_00004.png", "step_00005.png"]
+
+
+def test_each_draw_is_a_sample_of_the_vae_posterior_times_its_scale(setup, tmp_path, monkeypatch):
+    """z = (mean + exp(logvar / 2) ε) · scaling_factor, as diffusers' latent_dist.sample(): with the VAE's logvar
+    made log 0.25 (σ = 0.5) the draws of one image scatter about its mean with standard deviation 0.5 · scale."""
+    import shutil
+    import vae as vae_lib
+    (tmp_path / "one").mkdir()
+    shutil.copy(setup / "dog" / "0.png", tmp_path / "one" / "0.png")
+    a = train.resolve(train.parse_args(list(map(str, ["--images", tmp_path / "one", *common(setup, tmp_path / "out", 3)[2:],
+                                                      "--batch-size", 2]))))
+    real_encode, real_noise = vae_lib.VAE.encode, ddim.add_noise
+    monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
+                                                                torch.full_like(real_encode(self, x)[1], 0.25).log()))
+    drawn = []
+    monkeypatch.setattr(ddim, "add_noise", lambda z, noise, t, al: drawn.append(z) or real_noise(z, noise, t, al))
+    model = train.train(a)
+    monkeypatch.undo()
+    scale = model.vae.cfg.scaling_factor
+    with torch.no_grad():
+        mean = model.vae.encode(data.load_image_folder(tmp_path / "one", 64)[0][0][None])[0]
+    deviation = torch.cat(drawn) / scale - mean
+    assert abs(deviation.mean()) < 0.05 and abs(deviation.std() - 0.5) < 0.05, (deviation.mean(), deviation.std())
