@@ -102,6 +102,9 @@ def test_default_size_is_the_models_and_micro_conditioning_is_sdxls(tmp_path, bp
     sample.resolve_sizes(a, "sdxl")
     assert (a.height, a.width, a.original_size, a.crops_coords_top_left, a.target_size) == \
         (1024, 1024, [1024, 1024], [8, 0], [1024, 1024])
+    a = sample.parse_args(["--prompt", "p", "--height", "512", "--width", "768"])  # (h, w) pairs, as diffusers'
+    sample.resolve_sizes(a, "sdxl")
+    assert (a.original_size, a.crops_coords_top_left, a.target_size) == ([512, 768], [0, 0], [512, 768])
     for family in ("sd1", "sd2"):
         a = sample.parse_args(["--prompt", "p", "--width", "640"])
         sample.resolve_sizes(a, family)
