@@ -242,6 +242,24 @@ def test_each_edit_is_inverted_on_its_own_prompt_with_the_inversion_flags(setup,
     assert json.loads((tmp_path / "out" / "edit_config.json").read_text())["inversion_steps"] == 3
 
 
+@pytest.mark.parametrize("flag,good,bad", [
+    ("--sample-steps", ["1", "1000"], ["0", "1001"]),
+    ("--inversion-steps", ["1", "1000"], ["0", "1001"]),
+    ("--slerp", ["0", "1"], ["-0.1", "1.1"]),
+    ("--eta", ["0"], ["-0.1"]),
+    ("--seed", ["0"], ["-1"]),
+])
+def test_each_flags_bounds_are_accepted_and_one_past_them_refused(setup, tmp_path, flag, good, bad):
+    resolve = lambda value: edit.resolve(edit.parse_args(list(map(str, common(setup, tmp_path / "out")))
+                                                         + [f"{flag}={value}"]))
+    for value in good:
+        resolve(value)
+    for value in bad:
+        with pytest.raises(ValueError, match=flag):
+            resolve(value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case,words", [
     ("missing image", "no such folder or image file"),
     ("unreadable image", "cannot be read as an image"),
