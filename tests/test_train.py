@@ -435,3 +435,12 @@ def test_each_draw_is_a_sample_of_the_vae_posterior_times_its_scale(setup, tmp_p
         mean = model.vae.encode(data.load_image_folder(tmp_path / "one", 64)[0][0][None])[0]
     deviation = torch.cat(drawn) / scale - mean
     assert abs(deviation.mean()) < 0.05 and abs(deviation.std() - 0.5) < 0.05, (deviation.mean(), deviation.std())
+
+
+def test_resume_without_model_continues_on_the_runs_own_base_model(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.train(train.resolve(train.parse_args(list(map(str, common(setup, out, 1))))))
+    monkeypatch.setenv("SVDIFF_MODEL", str(tmp_path / "another-model.safetensors"))
+    a = train.resolve(train.parse_args(list(map(str, ["--images", setup / "dog", "--token", "sks", "--out", out,
+                                                      "--resume"]))))
+    assert a.model == str((setup / "model").resolve())
