@@ -225,6 +225,41 @@ def test_no_inversion_starts_from_each_seeds_noise(setup, trained, plain, tmp_pa
     assert np.abs(noise[0] - plain[0]).mean() > 5 and np.abs(noise[0] - noise[3]).mean() > 5
 
 
+def test_each_edit_is_inverted_on_its_own_prompt_with_the_inversion_flags(setup, trained, tmp_path, monkeypatch):
+    """Eq. 6: z_T is inverted conditioned on the TARGET prompt of each edit, not the input's --prompt, with
+    --inversion-steps (not --sample-steps) and --inversion-model-at."""
+    calls = []
+    real = edit.invert
+    monkeypatch.setattr(edit, "invert", lambda model, z, prompt, steps, model_at="source", **kw:
+                        calls.append((prompt, steps, model_at)) or real(model, z, prompt, steps, model_at, **kw))
+    first, _ = trained
+    edit.main(list(map(str, ["--image", setup / "cat.png", "--prompt", "a photo of a cat", "--edit", "a dog",
+                             "--edit", "a cat in a hat", "--model", setup / "model", "--resolution", 64,
+                             "--sample-steps", 2, "--inversion-steps", 3, "--inversion-model-at", "target",
+                             "--shifts", first / "shifts.safetensors", "--svd-cache", setup / "svd.safetensors",
+                             "--out", tmp_path / "out"])))
+    assert calls == [("a dog", 3, "target"), ("a cat in a hat", 3, "target")]
+    assert json.loads((tmp_path / "out" / "edit_config.json").read_text())["inversion_steps"] == 3
+
+
+@pytest.mark.parametrize("flag,good,bad", [
+    ("--sample-steps", ["1", "1000"], ["0", "1001"]),
+    ("--inversion-steps", ["1", "1000"], ["0", "1001"]),
+    ("--slerp", ["0", "1"], ["-0.1", "1.1"]),
+    ("--eta", ["0"], ["-0.1"]),
+    ("--seed", ["0"], ["-1"]),
+])
+def test_each_flags_bounds_are_accepted_and_one_past_them_refused(setup, tmp_path, flag, good, bad):
+    resolve = lambda value: edit.resolve(edit.parse_args(list(map(str, common(setup, tmp_path / "out")))
+                                                         + [f"{flag}={value}"]))
+    for value in good:
+        resolve(value)
+    for value in bad:
+        with pytest.raises(ValueError, match=flag):
+            resolve(value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case,words", [
     ("missing image", "no such folder or image file"),
     ("unreadable image", "cannot be read as an image"),

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -82,3 +83,44 @@ def test_huge_photos_are_not_taken_for_decompression_bombs(tmp_path, monkeypatch
     x, _, warning = data.load_image(tmp_path / "huge.png", 64)
     assert x.shape == (3, 64, 64) and warning is None
     assert data.MAX_PIXELS >= 200_000_000  # a 200 MP photo without even PIL's warning
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    """A cut-out photo's transparent background becomes white (a black one would teach the model black
+    backgrounds), for RGBA, grey with alpha and palette images with a transparent colour; opaque pixels keep theirs."""
+    rgba = np.zeros((64, 64, 4), "uint8")
+    rgba[:, :32] = [200, 30, 30, 255]  # opaque red on the left, fully transparent black on the right
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(rgba).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "p.png", transparency=0)  # palette index 0: black
+    for name in ("rgba.png", "la.png", "p.png"):
+        x, _, _ = data.load_image(tmp_path / name, 64)
+        assert torch.equal(x[:, :, 40:], torch.ones(3, 64, 24)), name  # white, [-1, 1] -> 1
+        assert x[:, :, :24].mean() < 0, name  # the opaque half stays dark red
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """Half of 16-bit full scale is mid grey (128), not white as a clip to 8 bits would make it."""
+    Image.fromarray(np.full((64, 80), 32768, "uint16")).save(tmp_path / "grey16.png")
+    x, _, _ = data.load_image(tmp_path / "grey16.png", 64)
+    assert torch.equal(x, torch.full((3, 64, 64), 128.0) / 127.5 - 1)
+
+
+def test_only_images_smaller_than_the_resolution_are_upscaled_with_a_warning(tmp_path):
+    Image.fromarray(np.zeros((64, 80, 3), "uint8")).save(tmp_path / "exact.png")
+    Image.fromarray(np.zeros((63, 80, 3), "uint8")).save(tmp_path / "small.png")
+    assert data.load_image(tmp_path / "exact.png", 64)[2] is None
+    assert "small.png is 80x63, smaller than --resolution 64: upscaled" == data.load_image(tmp_path / "small.png", 64)[2]
+
+
+def test_limit_takes_the_first_readable_images_by_name(tmp_path, capsys):
+    """--class-dir's limit (--num-class-images) counts the images read, not the files: a damaged one is skipped
+    and the next one taken; files after the limit are not read."""
+    (tmp_path / "00.png").write_bytes(b"not an image")
+    for i in range(1, 5):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, "uint8")).save(tmp_path / f"{i:02d}.png")
+        (tmp_path / f"{i:02d}.txt").write_text(f"caption {i}")
+    images, captions, crops = data.load_image_folder(tmp_path, 8, limit=2)
+    assert captions == ["caption 1", "caption 2"] and len(images) == len(crops) == 2
+    assert [round(float((x[0, 0, 0] + 1) * 127.5)) for x in images] == [10, 20]
+    assert "00.png (UnidentifiedImageError)" in capsys.readouterr().err

@@ -73,7 +73,8 @@ def sdxl_model(tmp_path, bpe_vocab, layout):
 
 @pytest.mark.parametrize("layout", ["single file", "folder"])
 @pytest.mark.parametrize("eta,guidance,negative,sizes", [
-    (0.0, 7.5, "", None),  # no negative prompt: zeros, as the pipeline's negative_prompt=None
+    (0.0, 7.5, "", None),  # no negative prompt: zeros, as the pipeline's negative_prompt=None (images 64 x 96:
+                           # (h, w) everywhere)
     (0.5, 1.0, "", None),
     (0.5, 5.0, "blurry", ((96, 128), (16, 8), (64, 48))),  # a negative prompt; micro-conditioning flags
 ])
@@ -84,15 +85,15 @@ def test_sdxl_images_equal_stable_diffusion_xl_pipeline(tmp_path, bpe_vocab, lay
              for f in (name, *map(str, pair))]
     sample.main(["--model", str(model), "--vocab", str(bpe_vocab), "--prompt", prompt, "--negative-prompt", negative,
                  "--steps", "4", "--guidance", str(guidance), "--eta", str(eta), "--seed", "3", "--height", "64",
-                 "--width", "64", "--num-images", "2", "--device", "cpu", "--out", str(tmp_path / "out"), *flags])
+                 "--width", "96", "--num-images", "2", "--device", "cpu", "--out", str(tmp_path / "out"), *flags])
     micro = dict(zip(("original_size", "crops_coords_top_left", "target_size"), sizes)) if sizes else {}
     ref = pipeline(folder, oracle)(prompt, negative_prompt=negative or None, num_inference_steps=4,
-                                   guidance_scale=guidance, eta=eta, height=64, width=64, num_images_per_prompt=2,
+                                   guidance_scale=guidance, eta=eta, height=64, width=96, num_images_per_prompt=2,
                                    output_type="np", generator=torch.Generator("cpu").manual_seed(3), **micro).images
     assert_images_equal(tmp_path / "out", ref)
     config = json.loads((tmp_path / "out" / "sample_config.json").read_text())
     assert (config["original_size"], config["crops_coords_top_left"], config["target_size"]) == \
-        tuple(list(p) for p in sizes or ((64, 64), (0, 0), (64, 64)))
+        tuple(list(p) for p in sizes or ((64, 96), (0, 0), (64, 96)))  # (h, w), as the pipeline's defaults
 
 
 def test_default_size_is_the_models_and_micro_conditioning_is_sdxls(tmp_path, bpe_vocab, monkeypatch):
@@ -102,6 +103,9 @@ def test_default_size_is_the_models_and_micro_conditioning_is_sdxls(tmp_path, bp
     sample.resolve_sizes(a, "sdxl")
     assert (a.height, a.width, a.original_size, a.crops_coords_top_left, a.target_size) == \
         (1024, 1024, [1024, 1024], [8, 0], [1024, 1024])
+    a = sample.parse_args(["--prompt", "p", "--height", "512", "--width", "768"])  # (h, w) pairs, as diffusers'
+    sample.resolve_sizes(a, "sdxl")
+    assert (a.original_size, a.crops_coords_top_left, a.target_size) == ([512, 768], [0, 0], [512, 768])
     for family in ("sd1", "sd2"):
         a = sample.parse_args(["--prompt", "p", "--width", "640"])
         sample.resolve_sizes(a, family)

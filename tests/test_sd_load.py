@@ -254,3 +254,45 @@ def test_full_sd15_unet_from_fp16_file_matches_diffusers_with_bounded_memory(tmp
     print(f"full SD1.5 UNet parity: max abs diff {err:.2e}; load peak RSS {peak / 1e9:.2f} GB = "
           f"{peak / size:.2f}x the {size / 1e9:.2f} GB file")
     assert err <= 1e-4 * max(1.0, float(ref.abs().max())), err
+
+
+def test_choose_model_takes_model_then_the_shift_files_base_model_then_svdiff_model_then_the_default(tmp_path,
+                                                                                                    monkeypatch):
+    shift_file = tmp_path / "shifts.safetensors"
+    save_file({"x": torch.zeros(1)}, str(shift_file), metadata={"base_model": "owner/recorded@abc"})
+    (tmp_path / "damaged.safetensors").write_bytes(b"not a shift file")  # judged later, by the shifts' reader
+    monkeypatch.setenv("SVDIFF_MODEL", "/models/env.safetensors")
+    assert sd.choose_model("/models/given.safetensors", shift_file) == "/models/given.safetensors"
+    assert sd.choose_model(None, shift_file) == "owner/recorded@abc"
+    for no_record in (None, tmp_path / "missing.safetensors", tmp_path / "damaged.safetensors"):
+        assert sd.choose_model(None, no_record) == "/models/env.safetensors"
+    monkeypatch.delenv("SVDIFF_MODEL")
+    assert sd.choose_model(None, None) == sd.DEFAULT_MODEL
+
+
+def test_help_gives_each_default_once_and_none_for_defaults_that_depend(capsys):
+    import argparse
+    p = argparse.ArgumentParser(formatter_class=sd.HelpFormatter)
+    p.add_argument("--steps", type=int, default=500, help="training steps")
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--size", type=int, default=512, help="image side (default: 1024 for SDXL, else 512)")
+    text = " ".join(p.format_help().split())
+    assert "training steps (default: 500)" in text and "output folder" in text and "None" not in text
+    assert text.count("(default") == 2
+
+
+def test_check_device_and_check_writable_refuse_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sd.check_device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device is available; use --device cpu"):
+        sd.check_device("cuda:0")
+    with pytest.raises(ValueError, match="'gpu' is not a device"):
+        sd.check_device("gpu")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "file").chmod(0o755)  # writable and executable: os.access alone would let file/sub through
+    sd.check_writable(tmp_path / "new" / "deeper", "--out")
+    assert not (tmp_path / "new").exists()  # checked, nothing created
+    with pytest.raises(ValueError, match="--out .* is a file, not a folder"):
+        sd.check_writable(tmp_path / "file", "--out")
+    with pytest.raises(ValueError, match="--out .* is not writable"):
+        sd.check_writable(tmp_path / "file" / "sub", "--out")

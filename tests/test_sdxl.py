@@ -509,3 +509,15 @@ def test_encode_prompts_and_negative_equal_the_pipelines_unet_inputs(folder):
         assert torch.equal(neg.y[:, pooled_width:], time_ids)
     both = neg.cat(cond)
     assert both.context.shape == (4, 77, sum(tiny.SDXL_TEXT_WIDTH)) and both.y.shape == (4, pooled_width + 6 * 256)
+
+
+def test_text_to_image_conditions_on_the_output_size_as_h_w_by_default(folder):
+    """original_size = target_size = (height, width) unless given, as the pipeline: a 64 x 96 image is told it
+    is 64 x 96, not 96 x 64."""
+    path, _ = folder
+    model = sd.load(path)
+    draw = lambda **sizes: sd.text_to_image(model, ["sks dog"], steps=1, guidance=1.0, height=64, width=96,
+                                            generator=torch.Generator().manual_seed(0), progress=False, **sizes)
+    default = draw()
+    assert torch.equal(default, draw(original_size=(64, 96), target_size=(64, 96)))
+    assert not torch.equal(default, draw(original_size=(96, 64), target_size=(96, 64)))

@@ -307,3 +307,140 @@ def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(setup, tmp_path, m
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "out of GPU memory" in err and "--grad-checkpointing" in err
+
+
+@pytest.mark.parametrize("flag,good,bad", [
+    ("--cutmix-prob", ["0", "1"], ["-0.1", "1.1"]),
+    ("--steps", ["1"], ["0"]),
+    ("--batch-size", ["1"], ["0"]),
+    ("--save-every", ["1"], ["0"]),
+    ("--num-class-images", ["1"], ["0"]),
+    ("--class-steps", ["1", "1000"], ["0", "1001"]),
+    ("--sample-steps", ["1", "1000"], ["0", "1001"]),
+    ("--sample-every", ["0"], ["-1"]),
+    ("--resolution", ["8"], ["0", "-8", "12"]),
+    ("--rank", ["1"], ["0"]),
+    ("--lr", ["1e-9"], ["0", "-1e-3", "inf", "nan"]),
+    ("--lr-1d", ["0"], ["-1e-6", "inf"]),
+    ("--prior-weight", ["0"], ["-1", "nan"]),
+    ("--unmix-weight", ["0"], ["-1", "inf"]),
+])
+def test_each_flags_bounds_are_accepted_and_one_past_them_refused(setup, tmp_path, flag, good, bad):
+    """check_args' limits exactly where --help says they are (0 is a valid --cutmix-prob, --prior-weight or
+    --sample-every; a resolution of 0 is not the default), before anything is loaded or written."""
+    check = lambda value: train.check_args(train.parse_args(list(map(str, common(setup, tmp_path / "out", 3,
+                                                                                 f"{flag}={value}")))))
+    for value in good:
+        check(value)
+    for value in bad:
+        with pytest.raises(ValueError, match=flag):
+            check(value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_prior_is_lambda_0_and_resume_with_overwrite_is_refused(setup, tmp_path):
+    argv = lambda *extra: list(map(str, ["--images", setup / "dog", "--token", "sks", "--model", setup / "model",
+                                         "--out", tmp_path / "out", *extra]))
+    assert train.resolve(train.parse_args(argv("--prior-weight", 2, "--no-prior"))).prior_weight == 0
+    assert train.resolve(train.parse_args(argv("--prior-weight", 2))).prior_weight == 2
+    with pytest.raises(ValueError, match="--resume and --overwrite contradict"):
+        train.resolve(train.parse_args(argv("--resume", "--overwrite")))
+
+
+def test_the_prior_loss_is_weighted_by_prior_weight(setup, tmp_path):
+    """Eq. 3: loss = instance loss + λ · prior loss. The first step of two runs that differ only in λ draws the same
+    batch with δ = 0: the same prior loss, and loss - λ · prior_loss the same instance loss."""
+    logged = {}
+    for weight in (0.5, 3.0):
+        a = train.resolve(train.parse_args(list(map(str, [
+            "--images", setup / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 1,
+            "--prior-weight", weight, "--num-class-images", 1, "--class-steps", 1, "--class-dir", tmp_path / "class",
+            "--sample-every", 0, "--out", tmp_path / str(weight)]))))
+        train.train(a)
+        line = json.loads((tmp_path / str(weight) / "log.jsonl").read_text().splitlines()[0])
+        logged[weight] = line["loss"], line["prior_loss"]
+    (loss_a, prior_a), (loss_b, prior_b) = logged[0.5], logged[3.0]
+    assert prior_a == prior_b > 0 and loss_a != loss_b
+    assert loss_a - 0.5 * prior_a == pytest.approx(loss_b - 3.0 * prior_b, rel=1e-5)
+
+
+@pytest.mark.parametrize("no_captions", [False, True])
+def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monkeypatch, no_captions):
+    """A .txt caption belongs to its image: with the VAE's variance made 0 a row's latent IS its image's mean,
+    which says which image the row drew, and its prompt is that image's caption (the instance prompt for an image
+    without one); with --no-captions, the instance prompt for every row."""
+    import shutil
+    import vae as vae_lib
+    (tmp_path / "dog").mkdir()
+    captions = ["a sks dog on grass", "a sks dog in the snow", None]
+    for i, caption in enumerate(captions):
+        shutil.copy(setup / "dog" / f"{i}.png", tmp_path / "dog" / f"{i}.png")
+        if caption:
+            (tmp_path / "dog" / f"{i}.txt").write_text(caption)
+    a = train.resolve(train.parse_args(list(map(str, [
+        "--images", tmp_path / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 3,
+        "--batch-size", 2, "--no-prior", "--sample-every", 0, "--seed", 1, "--out", tmp_path / "out"]
+        + ["--no-captions"] * no_captions))))
+    real_encode, real_prompts, real_noise = vae_lib.VAE.encode, sd.encode_prompts, ddim.add_noise
+    monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
+                                                                torch.full_like(real_encode(self, x)[1], -60.0)))
+    rows = []
+    monkeypatch.setattr(ddim, "add_noise", lambda z, noise, t, al: rows.append([z]) or real_noise(z, noise, t, al))
+    monkeypatch.setattr(sd, "encode_prompts", lambda model, prompts, **sizes: rows[-1].append(prompts) or
+                        real_prompts(model, prompts, **sizes))
+    model = train.train(a)
+    monkeypatch.undo()
+    images, _, _ = data.load_image_folder(tmp_path / "dog", 64)
+    with torch.no_grad():
+        means = torch.cat([model.vae.encode(x[None])[0] for x in images]) * model.vae.cfg.scaling_factor
+    drawn = []
+    for z, prompts in rows:
+        for row, prompt in zip(z, prompts):
+            (i,), = ((means - row).abs().flatten(1).amax(-1) < 1e-4).nonzero().tolist()
+            assert prompt == ("a photo of sks dog" if no_captions else captions[i] or "a photo of sks dog")
+            drawn.append(i)
+    assert set(drawn) == {0, 1, 2}, drawn
+
+
+def test_shifts_and_samples_are_written_every_n_steps_and_at_the_end(setup, tmp_path, monkeypatch):
+    saved = []
+    real_save = shifts.save_shift_file
+    monkeypatch.setattr(shifts, "save_shift_file", lambda *args, step, **kw: saved.append(step) or
+                        real_save(*args, step=step, **kw))
+    train.train(train.resolve(train.parse_args(list(map(str, common(setup, tmp_path / "out", 5, "--save-every", 2,
+                                                                    "--sample-every", 2, "--sample-steps", 1))))))
+    assert saved == [2, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == \
+        ["step_00002.png", "step_00004.png", "step_00005.png"]
+
+
+def test_each_draw_is_a_sample_of_the_vae_posterior_times_its_scale(setup, tmp_path, monkeypatch):
+    """z = (mean + exp(logvar / 2) ε) · scaling_factor, as diffusers' latent_dist.sample(): with the VAE's logvar
+    made log 0.25 (σ = 0.5) the draws of one image scatter about its mean with standard deviation 0.5 · scale."""
+    import shutil
+    import vae as vae_lib
+    (tmp_path / "one").mkdir()
+    shutil.copy(setup / "dog" / "0.png", tmp_path / "one" / "0.png")
+    a = train.resolve(train.parse_args(list(map(str, ["--images", tmp_path / "one", *common(setup, tmp_path / "out", 3)[2:],
+                                                      "--batch-size", 2]))))
+    real_encode, real_noise = vae_lib.VAE.encode, ddim.add_noise
+    monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
+                                                                torch.full_like(real_encode(self, x)[1], 0.25).log()))
+    drawn = []
+    monkeypatch.setattr(ddim, "add_noise", lambda z, noise, t, al: drawn.append(z) or real_noise(z, noise, t, al))
+    model = train.train(a)
+    monkeypatch.undo()
+    scale = model.vae.cfg.scaling_factor
+    with torch.no_grad():
+        mean = model.vae.encode(data.load_image_folder(tmp_path / "one", 64)[0][0][None])[0]
+    deviation = torch.cat(drawn) / scale - mean
+    assert abs(deviation.mean()) < 0.05 and abs(deviation.std() - 0.5) < 0.05, (deviation.mean(), deviation.std())
+
+
+def test_resume_without_model_continues_on_the_runs_own_base_model(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.train(train.resolve(train.parse_args(list(map(str, common(setup, out, 1))))))
+    monkeypatch.setenv("SVDIFF_MODEL", str(tmp_path / "another-model.safetensors"))
+    a = train.resolve(train.parse_args(list(map(str, ["--images", setup / "dog", "--token", "sks", "--out", out,
+                                                      "--resume"]))))
+    assert a.model == str((setup / "model").resolve())
