@@ -105,7 +105,9 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         B, T, C = q.shape
-        q, k, v = (t.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # B,h,T,d
+        # each by its own batch (B,h,T,d): a context of another batch size fails here instead of being folded
+        # into longer token sequences
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
