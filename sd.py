@@ -60,7 +60,6 @@ class StableDiffusion:
     family: str                  # "sd1" (CLIP ViT-L text, 768-d context) | "sd2" (OpenCLIP ViT-H, 1024-d) |
                                  # "sdxl" (ViT-L + OpenCLIP ViT-bigG, 2048-d, and the pooled text for label_emb)
     prediction_type: str         # "epsilon" | "v_prediction": not in the weights; from scheduler config or user
-    path: str = ""
     digests: dict = field(default_factory=dict)  # component -> `weights_digest` of its weights AS STORED (sd.load)
     source: str = ""             # what to load again: the absolute local path, or "owner/name@commit" of the Hub
     text_encoder_2: nn.Module | None = None  # SDXL's OpenCLIP ViT-bigG (context and pooled); None for SD1/2
@@ -398,7 +397,7 @@ def load(path, device="cpu", dtype=torch.float32, prediction_type=None, vocab=No
                                                                                   vocab)
     parts = {name: None for name in ("unet", "vae", "text_encoder", "tokenizer")} | modules | tokenizers
     return StableDiffusion(**parts, family=family,
-                           prediction_type=prediction_type or file_prediction or "epsilon", path=str(path),
+                           prediction_type=prediction_type or file_prediction or "epsilon",
                            digests=digests, source=source)
 
 
