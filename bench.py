@@ -572,27 +572,39 @@ def machine(device) -> str:
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')})"
 
 
-def bench_in_process(a, parts, cache: Path, tmp: Path) -> dict:
-    """The parts measured in this process, on one model: svd, files, training, sampling."""
+def save_figures(a, r: dict):
+    """--json after every part, not only at the end: a run stopped by a time limit (a lent GPU's) keeps what it
+    measured so far."""
+    if a.json:
+        svdiff.atomic_write(lambda p: p.write_text(json.dumps(r, indent=2)), Path(a.json))
+
+
+def bench_in_process(a, parts, cache: Path, tmp: Path, r: dict):
+    """The parts measured in this process, on one model: svd, files, training, sampling (added to r as they end)."""
     device = a.device
     model = build_model(a.tiny, device, torch.bfloat16 if device == "cuda" else torch.float32, a.arch)
-    r = {"unet_params": sum(p.numel() for p in model.unet.parameters())}
+    r["unet_params"] = sum(p.numel() for p in model.unet.parameters())
     if "svd" in parts:
         r |= bench_svd(model, cache, device, progress=not a.tiny)
+        save_figures(a, r)
     methods = Methods(model, cache, device)
     batch = make_batch(model, a.resolution, device)
     if "files" in parts:
         r |= bench_files(methods, tmp)
+        save_figures(a, r)
     if "training" in parts:
         r |= bench_training(methods, batch, a.steps)
+        save_figures(a, r)
     if "sampling" in parts:
         r |= bench_sampling(methods, batch, a.steps, a.arch, a.tiny, tmp, cache)
+        save_figures(a, r)
     methods.drop_shifts()
     if "training" in parts:
         r |= bench_full(methods, batch, a.steps, r["fast_vs_lora"])
     del methods, model
     gc.collect()
-    return r | {"bench_peak_bytes": peak_memory(device)}  # this process's own peak, all phases
+    r["bench_peak_bytes"] = peak_memory(device)  # this process's own peak, all phases
+    save_figures(a, r)
 
 
 def main(argv=None):
@@ -607,16 +619,16 @@ def main(argv=None):
         tmp = Path(tmp)
         cache = Path(a.svd_cache) if a.svd_cache else tmp / "svd_cache.safetensors"
         if parts - set(CHILD_PARTS):
-            r |= bench_in_process(a, parts, cache, tmp)
+            bench_in_process(a, parts, cache, tmp, r)
         if parts & set(CHILD_PARTS) and not cache.is_file():  # --parts memory alone: the first probe would pay for
             run_child(a, "svd-cache", cache)                   # the SVD, its float64 temporaries in its peak
         if "memory" in parts:
             r |= bench_memory(a, cache)
+            save_figures(a, r)
         if "checkpointing" in parts:
             r |= bench_checkpointing(a, cache)
+            save_figures(a, r)
     print(table(r))
-    if a.json:
-        svdiff.atomic_write(lambda p: p.write_text(json.dumps(r, indent=2)), Path(a.json))
     print(json.dumps({k: r.get(k) for k in SUMMARY_KEYS} | {"arch": a.arch, "device": device,
                                                              "resolution": a.resolution}))
     return r

@@ -190,7 +190,11 @@ def test_two_subjects_with_prior_preservation_train_with_cut_mix_unmix(lane, dty
 @cuda_only
 def test_fp32_training_gives_the_same_shifts_on_cpu_and_on_cuda(lane, monkeypatch, record_property):
     """The device does not change the method: 5 steps from the same seed (every random draw comes from one CPU
-    generator) give the same δ. cuDNN's convolutions would use TF32 in fp32 unless told not to (PyTorch's
+    generator) give the same losses, to rounding, and the same δ but for AdamW's amplification of rounding: it
+    divides each gradient by that element's own running RMS, so an element whose gradient is at rounding level
+    moves by about ±lr on either device, in a sign the rounding decides (an H200 against this CPU: losses within
+    4e-7, δ within 0.52%). A device-specific mistake (another noise, flip or timestep; a wrong cast) changes the
+    losses from the first step. cuDNN's convolutions would use TF32 in fp32 unless told not to (PyTorch's
     default): strict fp32 here, as on the CPU."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -201,8 +205,8 @@ def test_fp32_training_gives_the_same_shifts_on_cpu_and_on_cuda(lane, monkeypatc
     relative = ((a - b).norm() / a.norm()).item()
     losses = {d: [l["loss"] for l in read_log(lane / f"fp32-{d}")] for d in ("cpu", "cuda")}
     report(record_property, cpu_vs_cuda_delta_relative=relative, cpu_losses=losses["cpu"], cuda_losses=losses["cuda"])
-    assert a.norm() > 0 and relative <= 1e-3, relative
-    assert np.allclose(losses["cpu"], losses["cuda"], rtol=1e-3)
+    assert np.allclose(losses["cpu"], losses["cuda"], rtol=1e-5, atol=0), losses
+    assert a.norm() > 0 and relative <= 2e-2, relative
 
 
 @cuda_only
@@ -246,22 +250,31 @@ def trained_bf16(lane):
     return out / "shifts.safetensors"
 
 
-def sample_images(lane, out, dtype, *flags):
-    sample.main([f"--model={lane / 'model.safetensors'}", f"--vocab={BPE_VOCAB}", "--prompt=a photo of sks dog",
-                 "--steps=10", "--guidance=7.5", "--seed=0", "--height=64", "--width=64", "--num-images=2",
-                 f"--device={DEVICE}", f"--dtype={dtype}", f"--out={out}", *map(str, flags)])
-    return np.stack([np.asarray(Image.open(out / f"{i:03d}.png")).astype(np.int16) for i in range(2)])
+def sample_images(lane, dtype, shift_file=None):
+    """sample.py's sampling (10 DDIM steps, guidance 7.5, 2 images) with the weights loaded in `dtype` and a shift
+    file applied as sample.py applies it, from the SAME initial latents in every precision: drawn in fp32, then
+    cast. sample.py draws them in the weights' dtype, as diffusers does, and whether such a half-precision draw
+    is the fp32 draw rounded depends on the PyTorch version (on the GPU machine's 2.11 it was not), which would
+    make this a comparison of two seeds rather than of two precisions."""
+    model = sd.load(lane / "model.safetensors", device=DEVICE, dtype=sd.DTYPES[dtype], vocab=BPE_VOCAB)
+    if shift_file:
+        shifts.apply_shift_files(model, [str(shift_file)])
+    f = sd.latent_factor(model)
+    latents = torch.randn((2, model.unet.cfg.in_channels, 64 // f, 64 // f), generator=torch.Generator().manual_seed(0))
+    images = sd.text_to_image(model, ["a photo of sks dog"] * 2, steps=10, guidance=7.5,
+                              latents=latents.to(DEVICE, sd.DTYPES[dtype]), progress=False)
+    return np.stack([np.asarray(im).astype(np.int16) for im in sd.to_pil(images)])
 
 
 @cuda_only
 def test_half_precision_sampling_is_the_fp32_image_within_bounds_also_with_bf16_trained_shifts(
         lane, trained_bf16, record_property):
-    """sample.py in fp16 (its CUDA default: weights, UNet and VAE in half precision) and bf16 against fp32, from
-    the base model and with the shift file trained in bf16 (applied without --force: the fingerprint does not
-    depend on the precision the weights were loaded in)."""
+    """Sampling with the weights, UNet and VAE in fp16 (sample.py's CUDA default) and in bf16 against fp32, from
+    the base model and with the shift file trained in bf16 (applied without force: the fingerprint does not depend
+    on the precision the weights were loaded in)."""
     figures = {}
-    for name, flags in (("base", []), ("shifted", ["--shifts", trained_bf16])):
-        images = {d: sample_images(lane, lane / f"sample-{name}-{d}", d, *flags) for d in ("fp32", "fp16", "bf16")}
+    for name, shift_file in (("base", None), ("shifted", trained_bf16)):
+        images = {d: sample_images(lane, d, shift_file) for d in ("fp32", "fp16", "bf16")}
         for d in ("fp16", "bf16"):
             diff = np.abs(images[d] - images["fp32"])
             figures[f"{name}_{d}"] = (float(diff.mean()), int(diff.max()))
