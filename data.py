@@ -5,17 +5,24 @@ turned upright (EXIF), made RGB (transparency on white), its shorter side resize
 centre-cropped; where the square came from (`Crop`) is SDXL's micro-conditioning. Damaged files of a folder are
 skipped with one warning listing them.
 """
+import json
+import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # The user's own photos, not uploads: a 200 MP camera file is no decompression bomb (PIL's default limit is 89 MP,
 # an error above 179 MP). A limit stays, far above any camera, so that a damaged header claiming 100k x 100k pixels
 # is refused at open (PIL raises DecompressionBombError above twice this) instead of allocating 30 GB.
 MAX_PIXELS = 1_000_000_000
+# What PIL raises for damaged files: OSError (UnidentifiedImageError, truncated data), SyntaxError (broken PNG
+# chunks), ValueError and OverflowError (nonsense BMP headers), DecompressionBombError (a header claiming more than
+# 2 gigapixels); not MemoryError or a bug
+UNREADABLE = (OSError, SyntaxError, ValueError, OverflowError, Image.DecompressionBombError)
 
 
 class Crop(NamedTuple):
@@ -31,10 +38,9 @@ class Crop(NamedTuple):
     flipped_top_left: tuple[int, int]
 
 
-def load_image(path: Path, resolution: int):
-    """One training image as a [3, R, R] tensor in [-1, 1]: EXIF orientation applied, any mode converted to RGB,
-    shorter side resized to R (upscaling small images), centre crop. Returns (tensor, Crop, warning or None)."""
-    from PIL import Image, ImageOps
+def open_image(path: Path):
+    """A photo as the RGB image it shows: EXIF orientation applied, any mode converted to RGB (transparency on
+    white, 16-bit grey scaled to 8 bits), every pixel decoded (so a damaged file fails here, not later)."""
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
@@ -44,20 +50,26 @@ def load_image(path: Path, resolution: int):
             im = im.convert("RGBA")  # transparency composited on white, not black
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
-        w, h = original = im.size
-        warning = None
-        if min(w, h) < resolution:
-            warning = f"{path.name} is {w}x{h}, smaller than --resolution {resolution}: upscaled"
-        # The shorter side to R and the longer one truncated, as torchvision's Resize(R) sizes it, then the centre
-        # crop where torchvision's CenterCrop cuts (half the margin, rounded half to even): the squares (and, for
-        # SDXL, the crop corners) of diffusers' DreamBooth scripts
-        size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
-        im = im.resize(size, Image.Resampling.BICUBIC if min(w, h) < resolution else Image.Resampling.LANCZOS)
-        w, h = im.size
-        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
-        im = im.crop((left, top, left + resolution, top + resolution))
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+        return im.convert("RGB")
+
+
+def load_image(path: Path, resolution: int):
+    """One training image as a [3, R, R] tensor in [-1, 1]: `open_image`, shorter side resized to R (upscaling
+    small images), centre crop. Returns (tensor, Crop, warning or None)."""
+    im = open_image(path)
+    w, h = original = im.size
+    warning = None
+    if min(w, h) < resolution:
+        warning = f"{path.name} is {w}x{h}, smaller than --resolution {resolution}: upscaled"
+    # The shorter side to R and the longer one truncated, as torchvision's Resize(R) sizes it, then the centre
+    # crop where torchvision's CenterCrop cuts (half the margin, rounded half to even): the squares (and, for
+    # SDXL, the crop corners) of diffusers' DreamBooth scripts
+    size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    im = im.resize(size, Image.Resampling.BICUBIC if min(w, h) < resolution else Image.Resampling.LANCZOS)
+    w, h = im.size
+    left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+    im = im.crop((left, top, left + resolution, top + resolution))
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     crop = Crop(original[::-1], (top, left), (top, w - resolution - left))
     return x.permute(2, 0, 1).float() / 127.5 - 1, crop, warning
 
@@ -72,12 +84,29 @@ def image_files(folder: Path, flag: str = "--images") -> list[Path]:
                      "folder of them")
 
 
+def unreadable(flag: str, f: Path, e: Exception) -> ValueError:
+    return ValueError(f"{flag} {f}: cannot be read as an image ({type(e).__name__}); pass a JPEG/PNG/WebP/BMP file")
+
+
+def check_images(folder: Path, flag: str = "--images"):
+    """Before any model is loaded or fetched: `folder` is an image that can be read, or a folder holding at least
+    one (its damaged files are listed when it is loaded, `load_image_folder`). The same error lines as loading."""
+    files = image_files(folder, flag)
+    for f in files:
+        try:
+            open_image(f)
+            return
+        except UNREADABLE as e:
+            if f == folder:
+                raise unreadable(flag, f, e) from None
+    raise ValueError(f"{flag} {folder}: no usable images (JPEG/PNG/WebP/BMP) in it")
+
+
 def load_image_folder(folder: Path, resolution: int, flag: str = "--images", limit: int | None = None):
     """All readable images of a folder (the first `limit` of them), sorted by name, or the one image file `folder`
     names, with their captions (a same-named .txt beside an image) and crops (`Crop`): (images, captions, crops).
     Unreadable files of a folder are listed and skipped; an unreadable single file, or no usable image, is an
     error. `flag` names the option in messages."""
-    from PIL import Image
     files = image_files(folder, flag)
     images, captions, crops, bad = [], [], [], []
     for f in files:
@@ -85,13 +114,9 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images", lim
             break
         try:
             x, crop, warning = load_image(f, resolution)
-        except (OSError, SyntaxError, ValueError, OverflowError, Image.DecompressionBombError) as e:
-            # what PIL raises for damaged files: OSError (UnidentifiedImageError, truncated data), SyntaxError
-            # (broken PNG chunks), ValueError and OverflowError (nonsense BMP headers), DecompressionBombError (a
-            # header claiming more than 2 gigapixels); not MemoryError or a bug
+        except UNREADABLE as e:
             if f == folder:
-                raise ValueError(f"{flag} {f}: cannot be read as an image ({type(e).__name__}); "
-                                 "pass a JPEG/PNG/WebP/BMP file") from None
+                raise unreadable(flag, f, e) from None
             bad.append(f"{f.name} ({type(e).__name__})")
             continue
         if warning:
@@ -105,3 +130,41 @@ def load_image_folder(folder: Path, resolution: int, flag: str = "--images", lim
     if not images:
         raise ValueError(f"{flag} {folder}: no usable images (JPEG/PNG/WebP/BMP) in it")
     return images, captions, crops
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The class images' cache (train.py --class-dir): what they were made for
+
+
+MADE_FOR = "made_for.json"
+GENERATED = re.compile(r"\d{5}\.png")  # the names train.py gives the images it generates
+
+
+def reusable_class_images(folder: Path, made_for: dict) -> list[Path]:
+    """The class images of `folder` that may be used for `made_for` (the base model's fingerprint, the resolution,
+    the class prompt), creating it if need be; class images of another model, size or prompt are never reused
+    silently. Those made for something else (MADE_FOR says so) are deleted, saying so, and made anew; images with
+    no record (put there by hand, or by an older version) are used, saying so once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / MADE_FOR
+    files = image_files(folder, "--class-dir")
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except ValueError:
+            recorded = {}
+        if recorded == made_for:
+            return files
+        differ = ", ".join(k for k in made_for if recorded.get(k) != made_for[k]) or "the record"
+        stale = [f for f in files if GENERATED.fullmatch(f.name)]
+        print(f"note: the {len(stale)} class images in {folder} were made for another {differ}; making new ones",
+              file=sys.stderr)
+        for f in stale:
+            f.unlink()
+        files = [f for f in files if f not in stale]
+    elif files:
+        print(f"note: using the {len(files)} class images in {folder}, which record no base model, resolution or "
+              f"prompt (put there by hand?); delete them to have new ones made", file=sys.stderr)
+        return files
+    record.write_text(json.dumps(made_for))
+    return files

@@ -23,6 +23,7 @@ import torch
 
 import data
 import ddim
+import run_folder
 import sd
 import shifts
 import svdiff
@@ -83,10 +84,10 @@ def check_args(a):
     is loaded or written."""
     if not a.image:
         raise ValueError("no --image: pass the photo to edit, e.g. --image cat.jpg")
-    data.image_files(Path(a.image), "--image")  # it exists (read once the resolution is known)
     if Path(a.image).is_dir():
         raise ValueError(f"--image {a.image} is a folder; edit.py edits one photo: pass its file, e.g. "
                          f"--image {Path(a.image) / 'cat.jpg'}")
+    data.check_images(Path(a.image), "--image")  # a readable image (loaded once the resolution is known)
     if not a.prompt or not a.prompt.strip():
         raise ValueError("--prompt is empty: describe the input image, e.g. --prompt 'a photo of a cat'")
     if not a.edit:
@@ -105,9 +106,8 @@ def check_args(a):
         raise ValueError(f"--eta must be at least 0, got {a.eta}")
     if any(s < 0 for s in a.seed):
         raise ValueError("--seed takes non-negative integers")
-    if a.shifts and not Path(a.shifts).is_file():
-        raise ValueError(f"--shifts {a.shifts}: no such file; pass the shifts.safetensors of an earlier run, "
-                         "or leave --shifts out to fine-tune")
+    if a.shifts:
+        shifts.check_shift_files([a.shifts])
 
 
 def train_args(a):
@@ -250,7 +250,14 @@ def main(argv=None):
             if not dst.exists() or not dst.samefile(src):
                 svdiff.atomic_write(lambda p: shutil.copyfile(src, p), dst)
     else:
-        model = train.train(t, [loaded])  # writes shifts.safetensors (and config.json, log.jsonl, resume.pt) in --out
+        try:
+            model = train.train(t, [loaded])  # writes shifts.safetensors (and config.json, log.jsonl, resume.pt)
+        except run_folder.Interrupted as e:
+            saved = f"the shifts of step {e.step} are in {out / 'shifts.safetensors'} (edit with them as they are: " \
+                    "--shifts FILE); " if e.saved else ""
+            print(f"stopped at fine-tuning step {e.step} of {a.steps}, nothing edited; {saved}--overwrite starts "
+                  "afresh", file=sys.stderr)
+            sys.exit(130)
         # Merged only now: after the last optimizer step, and after the shift file was saved with the base
         # weights' fingerprint (merging changes those weights). Never unmerged, so no copy of W is kept.
         svdiff.bake(model)

@@ -78,9 +78,7 @@ def check_args(a):
     sd.check_device(a.device)
     if a.svd_cache:
         svdiff.check_svd_cache(a.svd_cache)
-    for spec in a.shifts:
-        if not shifts.parse_spec(spec)[0].is_file():
-            raise ValueError(f"--shifts {spec}: no such file; pass the shifts.safetensors of a train.py run")
+    shifts.check_shift_files(a.shifts)
     sd.check_writable(Path(a.out or "out"), "--out")
 
 

@@ -573,6 +573,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The flags on the command line (argparse names), as opposed to those left at their defaults: `parser` parses
+    `argv` again with every default suppressed, so only what was typed gets an attribute. (A value equal to the
+    default is still given: `--steps 500` on a run of 300 steps means 500.)"""
+    for action in parser._actions:  # argparse has no public way to list them
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(parser.parse_args(argv)))
+
+
 def check_device(device: str):
     """A --device that torch knows, and CUDA only where there is a CUDA device (before anything is loaded)."""
     try:

@@ -2,6 +2,7 @@
 
     python train.py --images ./dog --token sks      # base model: --model, $SVDIFF_MODEL or SD1.5 from the Hub
     python train.py --images ./dog --token sks --model stabilityai/stable-diffusion-xl-base-1.0    # SDXL, 1024 px
+    python train.py --resume runs/sks               # continue a run (Ctrl-C stops one, saving its last step)
 
 `main` = `resolve` (defaults that depend on other flags, every check, before anything is loaded or written) +
 `train` (the loop; returns the model with its trained shifts). edit.py runs the same two on one image.
@@ -12,12 +13,11 @@ result is a ~1.6 MB `shifts.safetensors` (SDXL: 6 MB). Loss (Eq. 3): the diffusi
 conditions each example on its image's original size and crop (`data.Crop`), as diffusers' DreamBooth-SDXL script does.
 
 Outputs in --out (default runs/{token}): shifts.safetensors (every --save-every steps and at the end),
-resume.pt, samples/step_XXXXX.png, config.json (the resolved arguments), log.jsonl (one line per step).
+resume.pt, samples/step_XXXXX.png, config.json (the resolved arguments), log.jsonl (one line per step); the run
+folder's rules (what --resume takes from config.json, Ctrl-C) are run_folder.py's.
 """
 import argparse
 import itertools
-import json
-import pickle
 import string
 import sys
 import time
@@ -28,15 +28,23 @@ from tqdm import tqdm
 
 import data
 import ddim
+import run_folder
 import sd
-import shifts
 import svdiff
 
 
 def parse_args(argv=None):
+    """The flags, and in `given` which of them are on the command line (--resume keeps the others' recorded
+    values)."""
+    a = parser().parse_args(argv)
+    a.given = sd.given_flags(parser(), argv)
+    return a
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=sd.HelpFormatter)
-    p.add_argument("--images", action="append", required=True,
+    p.add_argument("--images", action="append", default=None,
                    help="folder of subject images (3-5 is typical), or one image file")
     p.add_argument("--token", action="append", default=None,
                    help="rare token naming the subject, e.g. sks (needed when a prompt uses {token})")
@@ -93,9 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--sample-prompt", default=None, help="prompt of the sample grids (default: the instance prompt; "
                    "with several subjects 'a {token1} {class1} sitting beside a {token2} {class2}')")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")
-    p.add_argument("--resume", action="store_true", help="continue from the shift file and resume.pt in --out")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
+                   help="continue the run in folder RUN (default: --out) from its last saved step, with the settings "
+                        "of its config.json; only --steps, --save-every, --sample-every, --sample-prompt, "
+                        "--sample-steps, --device, --dtype, --grad-checkpointing, --svd-cache and --half may change")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --out")
-    return p.parse_args(argv)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,8 +114,11 @@ def parse_args(argv=None):
 
 
 def check_args(a):
-    for folder in a.images:  # (read in `train`; a missing one is refused before a model is fetched)
-        data.image_files(Path(folder))
+    if not a.images:
+        raise ValueError("no --images: pass a folder of the subject's photos (3-5 is typical), e.g. --images ./dog; "
+                         "or --resume RUN to continue a run")
+    for folder in a.images:  # (loaded in `train`; one with no readable image is refused before a model is fetched)
+        data.check_images(Path(folder))
     if not a.token and len(a.images) > 1:
         raise ValueError("several --images folders need one --token each (e.g. --token sks --token zwx)")
     if not a.token and uses_token(a.instance_prompt):
@@ -143,14 +157,16 @@ def check_args(a):
         svdiff.check_svd_cache(a.svd_cache)
     out = Path(a.out)
     sd.check_writable(out, "--out")
-    if a.resume and a.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; choose one")
-    if a.resume and not (out / "resume.pt").is_file():
-        raise ValueError(f"--resume: {out} has no resume.pt to continue from; drop --resume to start afresh")
-    if a.resume:
-        resume_files(out)  # the pair belongs together (checked again, with the model, when resuming)
-    if not a.resume and not a.overwrite and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace")
+    if a.resume and run_folder.holds_run(out):
+        run_folder.resume_files(out)  # the pair belongs together (checked again, with the model, when resuming)
+        if run_folder.saved_step(out) >= a.steps:
+            raise ValueError(f"--resume: {out} already reached step {run_folder.saved_step(out)} of --steps "
+                             f"{a.steps}; pass a larger --steps to train longer")
+    if not a.resume and not a.overwrite and run_folder.holds_run(out):
+        raise ValueError(f"--out {out} already holds a run; continue it with --resume {out}, or pass --overwrite "
+                         "to replace it")
+    if not a.resume and not a.overwrite and not run_folder.only_run_files(out):
+        raise ValueError(f"--out {out} holds other files; choose an empty or new folder, or pass --overwrite")
 
 
 def uses_token(prompt: str) -> bool:
@@ -171,9 +187,10 @@ def common_word_warning(tokenizer, token: str):
 
 
 def generate_class_images(model, prompt, folder: Path, n: int, steps: int, resolution: int, seed: int, device):
-    """Prior-preservation images from the base model (DDIM), cached as PNGs and reused by later runs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    have = data.image_files(folder)
+    """Prior-preservation images from the base model (DDIM), cached as PNGs and reused by later runs of the same
+    base model, resolution and class prompt (data.reusable_class_images)."""
+    made_for = {"model": svdiff.fingerprint(model), "resolution": resolution, "prompt": prompt}
+    have = data.reusable_class_images(folder, made_for)
     if len(have) >= n:
         return
     print(f"generating {n - len(have)} class images for {prompt!r} in {folder}")
@@ -188,15 +205,23 @@ def generate_class_images(model, prompt, folder: Path, n: int, steps: int, resol
 
 
 def resolve(a):
-    """Fill in the defaults that depend on other flags, and check everything before anything is loaded or
-    written. Returns `a`, ready for `train`."""
-    subjects = [Path(p) for p in a.images]
-    a.class_word = a.class_word or [p.stem if p.is_file() else p.resolve().name for p in subjects]
-    a.out = a.out or str(Path("runs") / "_".join(a.token or a.class_word))
+    """Fill in the defaults that depend on other flags (with --resume: the run's recorded settings), and check
+    everything before anything is loaded, fetched or written. Returns `a`, ready for `train`."""
+    if a.resume and a.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; choose one")
+    if a.resume:
+        resume_settings(a)
+    a.class_word = a.class_word or class_words(a.images)
+    a.out = a.out or default_out(a)
     a.class_dir = a.class_dir or str(Path(a.out) / "class_images")
     a.prior_weight = 0.0 if a.no_prior else a.prior_weight
     check_args(a)
-    a.model = sd.choose_model(a.model, Path(a.out) / "shifts.safetensors" if a.resume else None)
+    shift_file = Path(a.out) / "shifts.safetensors"
+    if a.resume and "model" not in a.given and shift_file.is_file():
+        # the base model the shift file records: a Hub id pinned to the commit it was trained on. (A --model that
+        # names it at another place, a moved file, is judged by the weights' fingerprint, not by its path.)
+        a.model = None
+    a.model = sd.choose_model(a.model, shift_file if a.resume else None)
     if a.dtype is None:
         a.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if a.device.startswith("cuda") else "fp32"
     if a.resolution is None or a.grad_checkpointing is None:
@@ -207,11 +232,38 @@ def resolve(a):
         a.resolution = a.resolution or sd.DEFAULT_SIZE[family]
         if a.grad_checkpointing is None:
             # On for SDXL: at 1024 px (4x the pixels of SD's 512) through a UNet 3x SD1.5's, the activations kept
-            # for the backward pass grow past what a 24 GB GPU has beside the weights and factors (expected, as
-            # DreamBooth-SDXL recipes expect it; not yet measured here); recomputing them costs one more UNet
-            # forward per step. --no-grad-checkpointing where memory allows.
+            # for the backward pass grow past what a 24 GB GPU has beside the weights and factors (as DreamBooth-SDXL
+            # recipes expect; with it a step peaks at 16.6 GB on an H200, README "Performance"); recomputing them
+            # costs one more UNet forward per step. --no-grad-checkpointing where memory allows.
             a.grad_checkpointing = family == "sdxl"
     return a
+
+
+def resume_settings(a):
+    """--resume [RUN]: the run folder (RUN, else --out), and every setting from its config.json but those today's
+    command line may change (run_folder.MAY_CHANGE)."""
+    run = Path(a.resume if a.resume is not True else a.out or default_out(a))
+    if a.resume is not True and a.out and Path(a.out).resolve() != run.resolve():
+        raise ValueError(f"--resume {run} and --out {a.out} name different folders; --resume RUN continues the run "
+                         "in RUN: leave --out out")
+    run_folder.merge_config(a, a.given, run_folder.read_config(run), run)
+    a.out = str(run)
+    if not run_folder.holds_run(run):
+        print(f"note: {run} has no saved step (the run stopped before its first); starting it afresh with its "
+              "settings")
+
+
+def class_words(images) -> list[str]:
+    """The default --class-word of each subject: its folder's name, or its one image file's name."""
+    return [p.stem if p.is_file() else p.resolve().name for p in map(Path, images or [])]
+
+
+def default_out(a) -> str:
+    """runs/{token} (several subjects: runs/{token1}_{token2}; no token: the class words)."""
+    names = a.token or a.class_word or class_words(a.images)
+    if not names:
+        raise ValueError("--resume: name the run's folder, e.g. --resume runs/sks")
+    return str(Path("runs") / "_".join(names))
 
 
 def weight_dtype(a):
@@ -288,16 +340,14 @@ def train(a, instances=None):
     alphas = ddim.alphas_cumprod().to(a.device)
 
     start = 0
-    if a.resume:
-        start = resume_state(model, out, optimizer, scaler, gen)
-        # log lines written after the last save are replayed, so drop them
-        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []
-        (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if logged_step(l) <= start))
+    if a.resume and run_folder.holds_run(out):
+        start = run_folder.resume_state(model, out, optimizer, scaler, gen)
+        run_folder.trim_log(out, start)
     else:
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("log.jsonl", "shifts.safetensors", "resume.pt"):
             (out / stale).unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(a), indent=2))
+    run_folder.write_config(a, out)
 
     def sample_latents(cached, n):
         """n random (image, flip) draws from one subject's cached posteriors -> (z·scale (the VAE's
@@ -317,20 +367,6 @@ def train(a, instances=None):
     # (the halves come from crops of two images; no single original size describes the collage)
     whole = (torch.full((a.batch_size, 2), a.resolution), torch.zeros(a.batch_size, 2, dtype=torch.long))
 
-    def save(step, rng):
-        """The shift file and resume.pt of `step`: δ (fp32 in resume.pt, whatever --half makes of the shift file),
-        AdamW's state, and the random state `rng` taken before step + 1 drew its batch, so a resumed run draws
-        exactly what this one would have."""
-        layers = svdiff.shifts(model)
-        if not finite(deltas):  # never written (the loop checks δ after every step, so this does not happen)
-            raise ValueError(f"the shifts δ are not finite at step {step}; not saved")
-        shifts.save_shift_file(model, out / "shifts.safetensors", half=a.half, subset=a.subset, rank=a.rank,
-                               step=step)
-        state = {"step": step, "delta": {k: m.delta.detach().float().cpu() for k, m in layers},
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "generator": rng[0],
-                 "torch_rng": rng[1]}
-        svdiff.atomic_write(lambda p: torch.save(state, p), out / "resume.pt")
-
     def write_samples(step):
         prompt = a.sample_prompt or sample_prompt(a, instance_prompts[0][0])
         set_train(model, False)
@@ -345,13 +381,19 @@ def train(a, instances=None):
                             out / "samples" / f"step_{step:05d}.png")
 
     set_train(model, True)
-    with tqdm(initial=start, total=a.steps, desc="train") as bar:  # closed before an error line is printed
+    save = dict(half=a.half, subset=a.subset, rank=a.rank)  # how run_folder.save_step writes the shift file
+    # closed before an error line is printed; Ctrl-C asks for a stop at the end of a step (run_folder.StopAfterStep)
+    with tqdm(initial=start, total=a.steps, desc="train") as bar, run_folder.StopAfterStep() as stop:
         # `done` steps are done and δ is δ_done. Each pass computes the loss of δ_done on a fresh batch, then takes
         # step done + 1. A save of δ_done waits for that loss: only shifts that gave a finite loss are written. So the
         # loop makes one last pass, without a step, to judge the final δ.
         for done in range(start, a.steps + 1):
             last = done == a.steps
             rng = (gen.get_state(), torch.get_rng_state())  # what a resumed run must start this pass from
+            if stop.requested:  # Ctrl-C: keep δ_done (finite: checked after every step) with this pass's rng
+                if done > start:
+                    run_folder.save_step(model, out, done, optimizer, scaler, rng, **save)
+                raise run_folder.Interrupted(done, saved=done > 0)
             t0 = time.time()
             # One subject, or (Cut-Mix, with several subjects) a collage of two, left and right in random order
             chosen = draw_subjects(gen, len(subjects), a.cutmix_prob)
@@ -398,9 +440,9 @@ def train(a, instances=None):
                 loss = loss + a.unmix_weight * unmix_loss
             if not torch.isfinite(loss):
                 raise ValueError(f"the loss became {loss.item()} with the shifts of step {done}; stopped. "
-                                 f"{kept(out)} Lower --lr, or use --dtype fp32/bf16")
+                                 f"{run_folder.kept(out)} Lower --lr, or use --dtype fp32/bf16")
             if done > start and (done % a.save_every == 0 or last):  # δ_done gave a finite loss: keep it
-                save(done, rng)
+                run_folder.save_step(model, out, done, optimizer, scaler, rng, **save)
             if last:
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -409,14 +451,13 @@ def train(a, instances=None):
             scaler.step(optimizer)
             scaler.update()
             if not finite(deltas):
-                raise ValueError(f"the shifts δ became non-finite at step {done + 1}; stopped. {kept(out)} Lower --lr")
-            seconds = time.time() - t0
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": done + 1, "loss": loss.detach().item(),
-                                    "prior_loss": float(prior_loss.detach()),
-                                    "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
-                                    "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
-                                   | ({"loss_scale": loss_scale} if loss_scale is not None else {})) + "\n")
+                raise ValueError(f"the shifts δ became non-finite at step {done + 1}; stopped. "
+                                 f"{run_folder.kept(out)} Lower --lr")
+            run_folder.log_step(out, {"step": done + 1, "loss": loss.detach().item(),
+                                      "prior_loss": float(prior_loss.detach()),
+                                      "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
+                                      "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+                                | ({"loss_scale": loss_scale} if loss_scale is not None else {}))
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if a.sample_every and ((done + 1) % a.sample_every == 0 or done + 1 == a.steps):
@@ -432,61 +473,6 @@ def set_train(model, on: bool):
     for module in (model.unet, model.text_encoder, model.text_encoder_2):
         if module is not None:
             module.train(on)
-
-
-def kept(out: Path) -> str:
-    """What a stopped run leaves: the last shift file whose δ gave a finite loss, if any."""
-    f = out / "shifts.safetensors"
-    if not f.is_file():
-        return "No shift file had been saved yet."
-    return f"The last good shift file is kept: {f} (step {shifts.read_shift_file(f)[1].get('step', '?')})."
-
-
-def resume_state(model, out: Path, optimizer, scaler, gen) -> int:
-    """--resume: δ, AdamW's state, the fp16 loss scale and the random state from resume.pt (δ in fp32 even with --half), after checking
-    that the shift file beside it belongs to the same step and that the base model is the one it was trained on.
-    Returns the step to continue from."""
-    state, meta = resume_files(out)
-    shifts.check_shift_file(model, out / "shifts.safetensors", meta,
-                            hint="resume with the --model of the interrupted run, or pass --overwrite to start afresh")
-    layers = dict(svdiff.shifts(model))
-    if set(layers) != set(state["delta"]):
-        raise ValueError(f"--resume: {out / 'resume.pt'} holds shifts of other layers; resume with the --subset and "
-                         "--rank of the interrupted run, or pass --overwrite to start afresh")
-    with torch.no_grad():
-        for k, m in layers.items():
-            m.delta.copy_(state["delta"][k])
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler.is_enabled() and state.get("scaler"):  # fp16 loss scaling (an empty dict where it was off)
-        scaler.load_state_dict(state["scaler"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"]
-
-
-def logged_step(line: str) -> float:
-    """The step of a log.jsonl line; a line cut off by a crash mid-write counts as after every step (dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-def resume_files(out: Path):
-    """resume.pt and the shift file's metadata, refused unless both belong to the same step (a shift file from
-    elsewhere, or a run stopped between the two writes, is never mixed with the optimizer state of another step)."""
-    try:
-        # on the CPU: AdamW's moments were saved from the GPU (optimizer.load_state_dict moves them back)
-        state = torch.load(out / "resume.pt", weights_only=True, map_location="cpu")
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:  # what torch.load raises on a bad file
-        raise ValueError(f"--resume: {out / 'resume.pt'} cannot be read ({type(e).__name__}); pass --overwrite to "
-                         "start afresh") from None
-    path = out / "shifts.safetensors"
-    _, meta = shifts.read_shift_file(path) if path.is_file() else (None, {})
-    if "delta" not in state or meta.get("step") != str(state["step"]):
-        raise ValueError(f"--resume: {path} is of step {meta.get('step', 'none')} but resume.pt of step "
-                         f"{state.get('step')}; they do not belong together. Pass --overwrite to start afresh")
-    return state, meta
 
 
 def subject_positions(model, prompt: str, token: str) -> list[int]:
@@ -527,7 +513,16 @@ def sample_prompt(a, first_instance_prompt: str) -> str:
 
 def main(argv=None):
     a = resolve(parse_args(argv))
-    train(a)
+    try:
+        train(a)
+    except run_folder.Interrupted as e:
+        if e.saved:
+            print(f"stopped at step {e.step} of {a.steps}, saved in {a.out}; continue with: "
+                  f"{run_folder.continue_command(a.out)}", file=sys.stderr)
+        else:
+            print("stopped before the first step ended; nothing saved: the same command starts afresh",
+                  file=sys.stderr)
+        sys.exit(130)
     print(f"done: {Path(a.out) / 'shifts.safetensors'}")
 
 

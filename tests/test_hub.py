@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -336,3 +338,31 @@ def test_train_then_sample_and_edit_run_as_written_on_the_default_model(hub, tmp
 ])
 def test_what_counts_as_a_hub_id(spec, ids):
     assert hub_ids.split_repo_id(spec) == ids
+
+
+@pytest.mark.parametrize("script,args,words", [
+    ("sample.py", ["--prompt", "x", "--shifts", "notes.safetensors"], "not a readable .safetensors shift file"),
+    ("sample.py", ["--prompt", "x", "--svd-cache", "notes.safetensors"], "is not an SVD cache"),
+    ("edit.py", ["--image", "broken.png", "--prompt", "a", "--edit", "b"], "cannot be read as an image"),
+    ("edit.py", ["--image", "ok.png", "--prompt", "a", "--edit", "b", "--shifts", "notes.safetensors"],
+     "not a readable .safetensors shift file"),
+    ("train.py", ["--images", "broken", "--token", "sks"], "no usable images"),
+    ("shifts.py", ["export-lora", "notes.safetensors", "--out", "lora.safetensors"],
+     "not a readable .safetensors shift file"),
+    ("shifts.py", ["export-merged", "empty.safetensors", "--out", "merged.safetensors"], "no such file"),
+])
+def test_every_file_argument_is_judged_before_the_model_is_fetched(hub, tmp_path, script, args, words):
+    """A first run (empty Hugging Face cache, the default model from the Hub) with one bad file argument: one line,
+    and not one request to the Hub before it (SD1.5 is about 4 GB)."""
+    (tmp_path / "notes.safetensors").write_text("my notes, not shifts\n")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "0.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "ok.png")
+    hub.log.clear()
+    r = run(script, *args, env=hub_env(hub.url, tmp_path / "hf"), cwd=tmp_path)
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert words in errors[0], errors[0]
+    assert hub.log == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "broken.png", "notes.safetensors", "ok.png"]

@@ -442,5 +442,5 @@ def test_resume_without_model_continues_on_the_runs_own_base_model(setup, tmp_pa
     train.train(train.resolve(train.parse_args(list(map(str, common(setup, out, 1))))))
     monkeypatch.setenv("SVDIFF_MODEL", str(tmp_path / "another-model.safetensors"))
     a = train.resolve(train.parse_args(list(map(str, ["--images", setup / "dog", "--token", "sks", "--out", out,
-                                                      "--resume"]))))
+                                                      "--resume", "--steps", 2]))))
     assert a.model == str((setup / "model").resolve())
