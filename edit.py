@@ -107,7 +107,7 @@ def check_args(a):
     if any(s < 0 for s in a.seed):
         raise ValueError("--seed takes non-negative integers")
     if a.shifts:
-        shifts.check_shift_files([a.shifts])
+        shifts.check_shift_files([a.shifts], "--shifts")
 
 
 def train_args(a):

@@ -78,7 +78,7 @@ def check_args(a):
     sd.check_device(a.device)
     if a.svd_cache:
         svdiff.check_svd_cache(a.svd_cache)
-    shifts.check_shift_files(a.shifts)
+    shifts.check_shift_files(a.shifts, "--shifts")
     sd.check_writable(Path(a.out or "out"), "--out")
 
 

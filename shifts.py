@@ -190,13 +190,13 @@ def read_svdiff_pytorch(path, te_path=None) -> dict:
     return tensors
 
 
-def check_shift_files(specs, flag="--shifts"):
+def check_shift_files(specs, flag=None):
     """Every FILE[:SCALE] read and judged before any model is loaded or fetched (gigabytes, for a typo): it exists,
     is a readable .safetensors of δ in our format or svdiff-pytorch's (with its _te file). What only the model can
     judge (its family, fingerprint and layers) is checked when the shifts are applied."""
     for spec in specs:
         path, _ = parse_spec(spec)
-        if not path.is_file():
+        if flag and not path.is_file():  # (without a flag: read_shift_file's "no such shift file")
             raise ValueError(f"{flag} {spec}: no such file; pass the shifts.safetensors of a train.py run")
         tensors, _ = read_shift_file(path)
         if file_format(path, tensors) != FORMAT:
@@ -479,7 +479,7 @@ def main(argv=None):
                 print(f"  {component} ({prefix}*): {len(part)} weights, {sum(t.numel() for t in part):,} values, "
                       f"|δ| mean {torch.cat([t.float().abs() for t in part]).mean():.4g}")
         return
-    check_shift_files(a.files if a.command == "combine" else getattr(a, "shifts", []), "shift file")
+    check_shift_files(a.files if a.command == "combine" else getattr(a, "shifts", []))
     if Path(a.out).is_dir():  # (every command but info writes --out; checked before minutes of SVD)
         raise ValueError(f"--out {a.out} is a folder; name the file to write, e.g. {Path(a.out) / 'out.safetensors'}")
     sd.check_writable(Path(a.out).parent, "--out")

@@ -349,7 +349,7 @@ def test_what_counts_as_a_hub_id(spec, ids):
     ("train.py", ["--images", "broken", "--token", "sks"], "no usable images"),
     ("shifts.py", ["export-lora", "notes.safetensors", "--out", "lora.safetensors"],
      "not a readable .safetensors shift file"),
-    ("shifts.py", ["export-merged", "empty.safetensors", "--out", "merged.safetensors"], "no such file"),
+    ("shifts.py", ["export-merged", "empty.safetensors", "--out", "merged.safetensors"], "no such shift file"),
 ])
 def test_every_file_argument_is_judged_before_the_model_is_fetched(hub, tmp_path, script, args, words):
     """A first run (empty Hugging Face cache, the default model from the Hub) with one bad file argument: one line,
