@@ -25,11 +25,18 @@ import torch.nn.functional as F
 BOS, EOS = 49406, 49407      # <|startoftext|>, <|endoftext|>
 CONTEXT_LENGTH = 77
 SPECIAL = {"<|startoftext|>": BOS, "<|endoftext|>": EOS}
+# The special tokens are cut out of the raw text first, as transformers does with its added tokens. Only these two:
+# the pad token is not one of them. SD2's and SDXL's tokenizer_2 configs name "!" (id 0) as pad token, which makes
+# transformers (and so diffusers, its issue 4153) read every "!" of a prompt as id 0; open_clip's tokenizer, which
+# SD2 and SDXL's bigG were trained with, gives a run of "!" its BPE pieces ("!!!" is 995), as A1111 and ComfyUI do,
+# and so do we. The pad id only fills the row after EOS (pad_id_for).
+SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL) + ")")
 
 
 def pad_id_for(family: str) -> int:
     """The pad id of a text encoder's tokenizer, by the encoder's TextConfig.family: "sd1" (ViT-L: SD1 and SDXL's
-    tokenizer/) pads with <|endoftext|>; "sd2" (OpenCLIP: SD2 and SDXL's tokenizer_2/) with 0, the id of "!"."""
+    tokenizer/) pads with <|endoftext|>; "sd2" (OpenCLIP: SD2 and SDXL's tokenizer_2/) with 0, as open_clip pads.
+    Only the padding differs: 0 is also the id of "!", but a "!" in a prompt is text in both (Tokenizer)."""
     return EOS if family == "sd1" else 0
 
 
@@ -101,13 +108,6 @@ class Tokenizer:
         self.pad_id = pad_id
         self.byte_chars = bytes_to_unicode()
         self.cache = {}
-        # Special tokens are cut out of the raw text first, as transformers does with its added tokens. The pad
-        # token is one of them: where it is "!" (SD2, SDXL's tokenizer_2) every "!" of a prompt is id 0 in
-        # diffusers, not the BPE of the "!" run that open_clip's tokenizer (used in training) gives. We follow
-        # diffusers.
-        pad = next(token for token, i in encoder.items() if i == pad_id)
-        self.special = SPECIAL | {pad: pad_id}
-        self.special_pattern = re.compile("(" + "|".join(re.escape(t) for t in self.special) + ")")
 
     @classmethod
     def from_folder(cls, tokenizer_dir, pad_id: int):
@@ -155,9 +155,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> BPE ids, without BOS/EOS."""
         ids = []
-        for piece in self.special_pattern.split(text):  # odd pieces are the special tokens
-            if piece in self.special:
-                ids.append(self.special[piece])
+        for piece in SPECIAL_PATTERN.split(text):  # odd pieces are the special tokens
+            if piece in SPECIAL:
+                ids.append(SPECIAL[piece])
                 continue
             for word in pre_tokenize(normalize(piece)):
                 if word not in self.cache:

@@ -63,7 +63,7 @@ class StableDiffusion:
     digests: dict = field(default_factory=dict)  # component -> `weights_digest` of its weights AS STORED (sd.load)
     source: str = ""             # what to load again: the absolute local path, or "owner/name@commit" of the Hub
     text_encoder_2: nn.Module | None = None  # SDXL's OpenCLIP ViT-bigG (context and pooled); None for SD1/2
-    tokenizer_2: object | None = None        # its tokenizer (pads with "!", id 0)
+    tokenizer_2: object | None = None        # its tokenizer (pads with 0, as open_clip)
 
 
 def checkpoint_key(component: str, module_key: str, family: str) -> str:

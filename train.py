@@ -477,14 +477,9 @@ def set_train(model, on: bool):
 
 def subject_positions(model, prompt: str, token: str) -> list[int]:
     """Where a subject's token sits in a collage prompt's context (svdiff.token_positions), by the first tokenizer.
-    SDXL's context is both encoders' states side by side, position by position, and its second tokenizer gives the
-    same ids but for "!", its pad token: each "!" is one token there, where the first tokenizer merges "!!" into
-    one piece. A "!" before the token could so put it elsewhere in bigG's half: such a prompt is refused."""
-    positions = svdiff.token_positions(model.tokenizer, prompt, token)
-    if model.tokenizer_2 is not None and svdiff.token_positions(model.tokenizer_2, prompt, token) != positions:
-        raise ValueError(f"the collage prompt {prompt!r}: SDXL's two tokenizers put {token!r} at different places "
-                         "(the second reads each '!' as one token); leave '!' out of --cutmix-prompt")
-    return positions
+    SDXL's context is both encoders' states side by side, position by position; its second tokenizer gives the same
+    ids ("!" included, as open_clip) and differs only in the padding after EOS, so the positions hold for both."""
+    return svdiff.token_positions(model.tokenizer, prompt, token)
 
 
 def draw_subjects(gen, n_subjects: int, cutmix_prob: float) -> list[int]:

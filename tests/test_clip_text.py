@@ -51,6 +51,32 @@ def test_sd2_pads_with_zero_and_overlength_warns_with_the_cut_part(bpe_vocab, ca
     assert "tail end" in capsys.readouterr().err
 
 
+EXCLAIMING = ["hello!", "wow!!!", "a photo of sks dog!", "!!", "! ! !", "dog!cat", "!", "!!!!!!!!", "wow!!! nice",
+              "a!b", "!?", "it!'s", "!sks dog", "x@!y", "word " * 73 + "dog!!!", "word " * 74 + "dog!",
+              "word " * 74 + "!", "word " * 72 + "! ! ! !"]  # the last four reach the 75 tokens CLIP keeps
+
+
+def open_clip_ids(hf, prompt, pad_id):
+    """open_clip's ids of a prompt: those of a transformers CLIPTokenizer whose pad token is <|endoftext|> (so "!"
+    is ordinary text, not an added special token; transformers issue 24925), padded with `pad_id` after the EOS,
+    as open_clip pads (0) or SD1's tokenizer config does (EOS)."""
+    ids = hf(prompt, max_length=77, truncation=True).input_ids  # BOS, up to 75 tokens, EOS
+    return ids + [pad_id] * (77 - len(ids))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_exclamation_marks_are_tokenized_as_open_clip_does_for_both_pad_ids(tokenizers, bpe_vocab, family):
+    """"!" is id 0 in CLIP's vocabulary and the pad token of SD2's (and SDXL's tokenizer_2's) configs, which makes
+    it a special token in transformers, and so every "!" id 0 in diffusers. SD2 and SDXL's bigG were trained on
+    open_clip's ids, where "!" is text like any other (e.g. "!!!" is one piece, 995): only the padding differs."""
+    hf = tokenizers[0]
+    pad_id = clip_text.pad_id_for(family)
+    ours = clip_text.Tokenizer.from_bpe(bpe_vocab, pad_id)
+    for prompt in EXCLAIMING:
+        assert ours([prompt])[0].tolist() == open_clip_ids(hf, prompt, pad_id), prompt
+    assert ours(["wow!!!"])[0, :5].tolist() == [clip_text.BOS, 2781, 995, clip_text.EOS, pad_id]
+
+
 def test_missing_vocabulary_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="bpe_simple_vocab_16e6"):
         clip_text.find_bpe_vocab(str(tmp_path / "nope.gz"))

@@ -208,7 +208,8 @@ def test_conditioning_equals_the_diffusers_pipeline_encode_prompt(folder):
     from diffusers import StableDiffusionXLPipeline
     path, oracle = folder
     pipe = StableDiffusionXLPipeline.from_pretrained(path)
-    prompts = ["a photo of an astronaut riding a horse on mars!", "sks dog"]
+    prompts = ["a photo of an astronaut riding a horse on mars", "sks dog"]  # no "!": diffusers' tokenizer_2 reads it
+                                                                            # as id 0, ours as open_clip (see below)
     with torch.no_grad():
         want, _, want_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     encoders = []
@@ -250,20 +251,26 @@ def test_tokenizer_configs_are_sdxls(tokenizers):
 
 
 @pytest.mark.parametrize("name", ["tokenizer", "tokenizer_2"])
-def test_ids_equal_transformers_tokenizer_with_sdxls_configs(tokenizers, name):
-    from test_clip_text import PROMPTS
-    hf, from_folder, from_bpe = tokenizers[name]
+def test_ids_equal_transformers_tokenizer_1_padded_with_each_pad_id(tokenizers, name):
+    """Both give the ids of transformers' CLIPTokenizer with tokenizer/'s config, and differ only in the padding
+    after EOS (tokenizer_2/: 0, as open_clip). tokenizer_2/'s own config differs on "!" (next test)."""
+    from test_clip_text import PROMPTS, open_clip_ids
+    hf_1 = tokenizers["tokenizer"][0]
+    _, from_folder, from_bpe = tokenizers[name]
     for prompt in PROMPTS + EXCLAIMING:
-        expected = hf(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        expected = open_clip_ids(hf_1, prompt, clip_text.EOS if name == "tokenizer" else 0)
         assert from_folder([prompt])[0].tolist() == expected, prompt
         assert from_bpe([prompt])[0].tolist() == expected, prompt
 
 
-def test_exclamation_mark_is_the_pad_token_in_tokenizer_2(tokenizers):
-    """tokenizer_2's pad token "!" is a special token: each "!" is id 0 (open_clip would give the BPE of "!!!")."""
-    ours_1, ours_2 = tokenizers["tokenizer"][1], tokenizers["tokenizer_2"][1]
-    assert ours_2(["wow!!!"])[0, :6].tolist() == [clip_text.BOS, 2781, 0, 0, 0, clip_text.EOS]
-    assert ours_1(["wow!!!"])[0, :4].tolist() == [clip_text.BOS, 2781, 995, clip_text.EOS]
+def test_tokenizer_2_reads_exclamation_marks_as_open_clip_not_as_diffusers(tokenizers):
+    """tokenizer_2/'s config names "!" (id 0) as pad token, so transformers and diffusers read each "!" as id 0
+    (diffusers issue 4153). bigG was trained on open_clip's ids, where "!!!" is one BPE piece as in tokenizer/."""
+    hf_2, ours_2, _ = tokenizers["tokenizer_2"]
+    ours_1 = tokenizers["tokenizer"][1]
+    assert hf_2("wow!!!").input_ids == [clip_text.BOS, 2781, 0, 0, 0, clip_text.EOS]
+    assert ours_2(["wow!!!"])[0, :5].tolist() == [clip_text.BOS, 2781, 995, clip_text.EOS, 0]
+    assert ours_1(["wow!!!"])[0, :5].tolist() == [clip_text.BOS, 2781, 995, clip_text.EOS, clip_text.EOS]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,7 +495,8 @@ def test_encode_prompts_and_negative_equal_the_pipelines_unet_inputs(folder):
     path, _ = folder
     pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
     model = sd.load(path)
-    prompts = ["a photo of an astronaut riding a horse on mars!", "sks dog"]
+    prompts = ["a photo of an astronaut riding a horse on mars", "sks dog"]  # no "!": diffusers' tokenizer_2 reads
+                                                                            # it as id 0, ours as open_clip does
     sizes = dict(original_size=torch.tensor(SIZES["original_size"]), crop_top_left=torch.tensor(SIZES["crop_top_left"]),
                  target_size=SIZES["target_size"])
     pooled_width = tiny.SDXL_POOLED
