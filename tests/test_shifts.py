@@ -1,4 +1,6 @@
 """shifts.py: LoRA export is the exact rank-k truncation; merged export loads as an ordinary model; the CLI."""
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +260,20 @@ def test_a_spec_is_a_path_and_an_optional_numeric_scale():
                               ("a.st:.25", "a.st", 0.25), ("a.st:1e-3", "a.st", 1e-3), ("C:/b/a.st", "C:/b/a.st", 1.0),
                               ("run:1/a.st:2", "run:1/a.st", 2.0)):
         assert shifts.parse_spec(spec) == (Path(path), scale), spec
+
+
+def test_written_files_get_the_users_usual_mode(trained, tmp_path, bpe_vocab):
+    """safetensors creates its files 0600; ours get what a plain open() gives, 0666 less the umask (0002: 0664, so
+    that neither 0600 nor a hard-coded 0644 passes)."""
+    model, base, path = trained
+    old = os.umask(0o002)
+    try:
+        shifts.save_shift_file(model, tmp_path / "again.safetensors")
+        shifts.export_lora(model, tmp_path / "lora.safetensors", rank=2)
+        cached = sd.load(base, vocab=bpe_vocab)
+        svdiff.add_spectral_shifts(cached, cache=tmp_path / "svd.safetensors", progress=False)
+        shifts.export_merged(model, base, tmp_path / "merged.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("again", "lora", "svd", "merged"):
+        assert stat.S_IMODE((tmp_path / f"{name}.safetensors").stat().st_mode) == 0o664, name
