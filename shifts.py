@@ -128,6 +128,41 @@ def in_layer_range(key: str, ranges) -> bool:
     return False
 
 
+# Original-key prefix of each shifted component, of every family (SDXL: text_encoder and text_encoder_2)
+COMPONENT_PREFIXES = [("unet", sd.UNET_PREFIX)] + [(c, p) for family in sd.TEXT_ENCODERS.values()
+                                                   for c, (p, _) in family.items()]
+
+
+def block_names(keys) -> str:
+    """The names --mix can take, per component, as they occur in these keys: each key's first numbered part as a
+    range of its numbers (input_blocks.0-11, layers.0-11), or, for a key with none, its layer's own name
+    (token_embedding). E.g. "unet: input_blocks.0-11, middle_block.0-2, …; text_encoder: layers.0-11, …"."""
+    found = {c: {} for c, _ in COMPONENT_PREFIXES} | {"other": {}}  # component -> {name: [numbers]}, UNet first
+    for key in sorted(keys):
+        component, rest = next(((c, key[len(p):]) for c, p in COMPONENT_PREFIXES if key.startswith(p)), ("other", key))
+        m = re.search(r"(\w+)\.(\d+)\.", rest)
+        names = found.setdefault(component, {})
+        if m:
+            names.setdefault(m[1], []).append(int(m[2]))
+        else:
+            names.setdefault(rest.removesuffix(".weight").rsplit(".", 1)[-1], [])
+    def shown(name, n):
+        return name if not n else f"{name}.{n[0]}" if min(n) == max(n) else f"{name}.{min(n)}-{max(n)}"
+    return "; ".join(f"{component}: " + ", ".join(shown(name, n) for name, n in names.items())
+                     for component, names in found.items() if names)
+
+
+def check_mix(mix, key_sets):
+    """--mix: every range must name some weight of the files (`key_sets`: each file's keys), or a typo
+    (outputblocks.0-5) would mix nothing and write a copy of the first file. Needs the keys only, so scripts check
+    it before loading a model."""
+    keys = set().union(*key_sets)
+    for r in mix or []:
+        if not any(in_layer_range(k, [r]) for k in keys):
+            raise ValueError(f"--mix {r} matches no weight of the files; name a range as NAME.A-B or a dotted part of "
+                             f"a key, from the files' blocks: {block_names(keys)}")
+
+
 def combine_files(specs, mix=None):
     """Eq. 4-5 on files: Σ sᵢδᵢ per key (a key missing from a file counts as δ = 0). With `mix` (two files,
     style mixing), the keys in those layer ranges come from the second file and all others from the first.
@@ -145,6 +180,7 @@ def combine_files(specs, mix=None):
                                  f"{first_meta.get(field)}; shifts of different base models cannot be combined")
     if mix is not None and len(read) != 2:
         raise ValueError("style mixing takes exactly two files: layers in the ranges from the second, rest from the first")
+    check_mix(mix, [tensors.keys() for _, (tensors, _) in read])
     terms = {}  # key -> [(δ, scale)] of the files that shift it
     for i, ((path, scale), (tensors, _)) in enumerate(read):
         for k, d in tensors.items():
@@ -457,10 +493,7 @@ def main(argv=None):
             print(f"  {k}: {v}")
         if file_format(a.file, tensors) != FORMAT:
             print("  svdiff-pytorch file: apply it with --shifts, or write it in our format with shifts.py convert")
-        # per component, by the original prefixes of every family (SDXL: unet, text_encoder, text_encoder_2)
-        prefixes = [("unet", sd.UNET_PREFIX)] + [(c, p) for family in sd.TEXT_ENCODERS.values()
-                                                 for c, (p, _) in family.items()]
-        for component, prefix in prefixes:
+        for component, prefix in COMPONENT_PREFIXES:  # per component (SDXL: unet, text_encoder, text_encoder_2)
             part = [t for k, t in tensors.items() if k.startswith(prefix)]
             if part:
                 print(f"  {component} ({prefix}*): {len(part)} weights, {sum(t.numel() for t in part):,} values, "

@@ -255,6 +255,34 @@ def test_combining_files_of_other_base_models_or_mixing_three_is_refused(tmp_pat
         shifts.combine_files([two, four, two], mix=["output_blocks.0-5"])
 
 
+def unet_file(path, blocks):
+    """A shift file of one δ per named UNet layer (e.g. "output_blocks.3.0.in_layers.2"), written without a model."""
+    save_file({f"model.diffusion_model.{b}.weight": torch.ones(2) for b in blocks}, str(path),
+              metadata={"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sd1", "fingerprint": "0" * 16})
+    return path
+
+
+def test_a_mix_range_that_matches_no_weight_is_an_error_naming_the_blocks_and_writes_nothing(tmp_path):
+    a = unet_file(tmp_path / "a.safetensors", ["input_blocks.1.1.proj_in", "output_blocks.3.0.in_layers.2", "out.2"])
+    b = unet_file(tmp_path / "b.safetensors", ["output_blocks.5.1.proj_out"])
+    r = cli("combine", a, b, "--mix", "output_blocks.0-5", "outputblocks.0-5", "--out", tmp_path / "mix.safetensors")
+    assert r.returncode == 1 and r.stdout == "" and not (tmp_path / "mix.safetensors").exists()
+    assert r.stderr == ("error: --mix outputblocks.0-5 matches no weight of the files; name a range as NAME.A-B or a "
+                        "dotted part of a key, from the files' blocks: unet: input_blocks.1, out.2, "
+                        "output_blocks.3-5\n")
+
+
+def test_a_mix_range_is_checked_from_the_files_keys_alone():
+    keys = [{"model.diffusion_model.middle_block.1.proj_in.weight"},
+            {"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight",
+             "cond_stage_model.transformer.text_model.final_layer_norm.weight"}]
+    shifts.check_mix(["middle_block", "layers.0-3", "final_layer_norm"], keys)
+    shifts.check_mix(None, keys)
+    with pytest.raises(ValueError, match=r"--mix input_blocks.0-5 matches no weight .* unet: middle_block.1; "
+                                         r"text_encoder: layers.3, final_layer_norm$"):
+        shifts.check_mix(["middle_block", "input_blocks.0-5"], keys)
+
+
 def test_a_spec_is_a_path_and_an_optional_numeric_scale():
     for spec, path, scale in (("a.st", "a.st", 1.0), ("a.st:0.5", "a.st", 0.5), ("a.st:-1", "a.st", -1.0),
                               ("a.st:.25", "a.st", 0.25), ("a.st:1e-3", "a.st", 1e-3), ("C:/b/a.st", "C:/b/a.st", 1.0),
