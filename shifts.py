@@ -417,8 +417,8 @@ def export_lora(model, path, rank=4, dtype=torch.float16):
     total = (num / den).sqrt().item() if den > 0 else 0.0
     print(f"total relative error of ΔW (rank {rank}): {total:.4f} over {len(errors)} layers, written at rank {K}")
     if skipped:
-        print(f"warning: {len(skipped)} shifted layers (norm γ, embeddings, rank-limited) cannot be expressed in a "
-              "LoRA and were left out", file=sys.stderr)
+        print(f"warning: {sd.plural(len(skipped), 'shifted layer')} (norm γ, embeddings, rank-limited) cannot be "
+              "expressed in a LoRA; left out", file=sys.stderr)
     # kohya's metadata; AUTOMATIC1111 files a LoRA under SDXL by ss_base_model_version "sdxl_…", under SD2 by
     # ss_v2 "True", and under SD1 otherwise (its Lora tab hides those of the other kinds)
     meta = {"ss_network_dim": str(K), "ss_network_alpha": str(K), "ss_network_module": "networks.lora",
@@ -441,7 +441,7 @@ def export_merged(model, source, path):
         out[k] = t.contiguous()
     missing = set(new) - set(out)
     if missing:
-        raise ValueError(f"{source} lacks {len(missing)} shifted weights (e.g. {sorted(missing)[0]})")
+        raise ValueError(f"{source} lacks {sd.plural(len(missing), 'shifted weight')} (e.g. {sorted(missing)[0]})")
     atomic_write(lambda p: save_file(out, str(p)), Path(path))
 
 
@@ -488,7 +488,8 @@ def main(argv=None):
     if a.command == "info":
         tensors, meta = read_shift_file(a.file)
         floats = sum(t.numel() for t in tensors.values())
-        print(f"{a.file}: {len(tensors)} shifted weights, {floats:,} values, {os.path.getsize(a.file):,} bytes")
+        print(f"{a.file}: {sd.plural(len(tensors), 'shifted weight')}, {sd.plural(floats, 'value')}, "
+              f"{sd.plural(os.path.getsize(a.file), 'byte')}")
         for k, v in sorted(meta.items()):
             print(f"  {k}: {v}")
         if file_format(a.file, tensors) != FORMAT:
@@ -496,7 +497,8 @@ def main(argv=None):
         for component, prefix in COMPONENT_PREFIXES:  # per component (SDXL: unet, text_encoder, text_encoder_2)
             part = [t for k, t in tensors.items() if k.startswith(prefix)]
             if part:
-                print(f"  {component} ({prefix}*): {len(part)} weights, {sum(t.numel() for t in part):,} values, "
+                print(f"  {component} ({prefix}*): {sd.plural(len(part), 'weight')}, "
+                      f"{sd.plural(sum(t.numel() for t in part), 'value')}, "
                       f"|δ| mean {torch.cat([t.float().abs() for t in part]).mean():.4g}")
         return
     for path, _ in map(parse_spec, a.files if a.command == "combine" else getattr(a, "shifts", [])):
@@ -511,7 +513,7 @@ def main(argv=None):
         from safetensors.torch import save_file
         out = {k: v.to(torch.float16 if a.half else torch.float32).contiguous() for k, v in combined.items()}
         atomic_write(lambda p: save_file(out, str(p), metadata=meta), Path(a.out))
-        print(f"wrote {a.out}: {len(out)} shifted weights")
+        print(f"wrote {a.out}: {sd.plural(len(out), 'shifted weight')}")
         return
     if a.command == "export-lora" and a.rank < 1:
         raise ValueError("--rank must be at least 1")
@@ -525,7 +527,7 @@ def main(argv=None):
     if a.command == "convert":
         ours, apart = from_svdiff_pytorch(model, theirs, a.file)
         save_shift_file(model, a.out, subset="svdiff-pytorch", deltas=ours)
-        print(f"wrote {a.out}: {len(ours)} shifted weights")
+        print(f"wrote {a.out}: {sd.plural(len(ours), 'shifted weight')}")
         if apart:
             print(f"warning: {len(apart)} layers of {a.file} were left out: SD2's text-encoder q/k/v projections, "
                   "one fused matrix (in_proj) in our format whose singular values are not the three of svdiff-pytorch; "
