@@ -491,6 +491,8 @@ def main(argv=None):
         print(f"{a.file}: {sd.plural(len(tensors), 'shifted weight')}, {sd.plural(floats, 'value')}, "
               f"{sd.plural(os.path.getsize(a.file), 'byte')}")
         for k, v in sorted(meta.items()):
+            if k == "rank" and not v:  # "": trained (or combined) without --rank
+                v = "full (every singular value)"
             print(f"  {k}: {v}")
         if file_format(a.file, tensors) != FORMAT:
             print("  svdiff-pytorch file: apply it with --shifts, or write it in our format with shifts.py convert")

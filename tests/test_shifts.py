@@ -240,6 +240,13 @@ def shift_file(path, length, fingerprint="0" * 16, rank=""):
     return str(path)
 
 
+def test_info_names_a_full_rank_file_full_rank(tmp_path, capsys):
+    shifts.main(["info", shift_file(tmp_path / "full.safetensors", 2)])
+    assert "\n  rank: full (every singular value)\n" in capsys.readouterr().out
+    shifts.main(["info", shift_file(tmp_path / "four.safetensors", 4, rank="4")])
+    assert "\n  rank: 4\n" in capsys.readouterr().out
+
+
 def test_files_of_two_rank_limits_combine_under_the_larger_one(tmp_path):
     two, four = shift_file(tmp_path / "a.safetensors", 2, rank="2"), shift_file(tmp_path / "b.safetensors", 4, rank="4")
     combined, meta = shifts.combine_files([two, f"{four}:-1"])
