@@ -375,9 +375,11 @@ def lora_names(model, component, name):
             for hf in clip_text.module_to_hf(name + ".weight", getattr(model, component).cfg)]
 
 
-def export_lora(model, path, rank=4, dtype=torch.float16):
-    """Write the shifts as a rank-`rank` LoRA that diffusers / AUTOMATIC1111 / ComfyUI / kohya load. Prints each
-    layer's relative error; γ and embedding shifts cannot be expressed as a LoRA and are skipped.
+def export_lora(model, path, rank=4, dtype=torch.float16, per_layer=False):
+    """Write the shifts as a rank-`rank` LoRA that diffusers / AUTOMATIC1111 / ComfyUI / kohya load. Prints one line:
+    the layers, the total relative error ‖ΔW − LoRA‖/‖ΔW‖ and the worst layer's (`per_layer`: each layer's before it,
+    hundreds of lines for a whole model); γ and embedding shifts cannot be expressed as a LoRA and are skipped.
+    Returns the total relative error.
 
     Every layer is written at ONE rank K (the largest min(rank, rank of the layer)) with ONE alpha = K, so each
     loader's scale alpha/r is 1 however it collects them: diffusers names the alphas of kohya attention layers after
@@ -410,12 +412,16 @@ def export_lora(model, path, rank=4, dtype=torch.float16):
             tensors[lname + ".lora_up.weight"] = up[i * rows:(i + 1) * rows].to(dtype).contiguous()
             tensors[lname + ".lora_down.weight"] = down.to(dtype).contiguous()
             tensors[lname + ".alpha"] = torch.tensor(float(K), dtype=dtype)
-    for name, err, _ in errors:
-        print(f"{name}: relative error {err:.4f}")
+    if per_layer:
+        for name, err, _ in errors:
+            print(f"{name}: relative error {err:.4f}")
     num = sum(e ** 2 * t for _, e, t in errors)
     den = sum(t for _, _, t in errors)
     total = (num / den).sqrt().item() if den > 0 else 0.0
-    print(f"total relative error of ΔW (rank {rank}): {total:.4f} over {len(errors)} layers, written at rank {K}")
+    worst = max(errors, key=lambda e: e[1], default=None)
+    print(f"LoRA of {sd.plural(len(errors), 'layer')} at rank {rank} (written at rank {K}): total relative error "
+          f"‖ΔW − LoRA‖/‖ΔW‖ {total:.4f}" + (f", worst layer {worst[0]} {worst[1]:.4f}" if worst else "")
+          + ("" if per_layer else " (--per-layer: every layer's)"))
     if skipped:
         print(f"warning: {sd.plural(len(skipped), 'shifted layer')} (norm γ, embeddings, rank-limited) cannot be "
               "expressed in a LoRA; left out", file=sys.stderr)
@@ -475,6 +481,8 @@ def main(argv=None):
         e.add_argument("--out", required=True, help="the file to write")
         if name == "export-lora":
             e.add_argument("--rank", type=int, default=4, help="LoRA rank: the k largest terms of each ΔW")
+            e.add_argument("--per-layer", action="store_true", help="print each layer's relative error, not only "
+                           "the total and the worst layer's")
     conv = sub.add_parser("convert", help="an svdiff-pytorch spectral_shifts.safetensors (and its _te file) in our "
                                           "format", formatter_class=sd.HelpFormatter)
     conv.add_argument("file", help="svdiff-pytorch's spectral_shifts.safetensors")
@@ -537,7 +545,7 @@ def main(argv=None):
         return
     apply_shift_files(model, a.shifts, force=a.force, merged=False)
     if a.command == "export-lora":
-        export_lora(model, a.out, a.rank)
+        export_lora(model, a.out, a.rank, per_layer=a.per_layer)
     else:
         export_merged(model, a.model, a.out)
     print(f"wrote {a.out}")

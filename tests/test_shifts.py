@@ -59,6 +59,22 @@ def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
     assert lora["lora_unet_conv_in.lora_down.weight"].ndim == 4
 
 
+def test_export_lora_prints_the_total_and_worst_layer_and_each_layer_only_when_asked(trained, tmp_path, capsys):
+    model, _, _ = trained
+    total = shifts.export_lora(model, tmp_path / "a.safetensors", rank=2)
+    summary = capsys.readouterr().out.splitlines()
+    shifts.export_lora(model, tmp_path / "b.safetensors", rank=2, per_layer=True)
+    *table, last = capsys.readouterr().out.splitlines()
+    errors = {line.split(": relative error ")[0]: float(line.split()[-1]) for line in table}
+    assert len(summary) == 1 and len(table) == sum(m.kind in ("linear", "conv") for _, m in svdiff.shifts(model))
+    head, worst = summary[0].removesuffix(" (--per-layer: every layer's)").split(", worst layer ")
+    assert head == f"LoRA of {len(table)} layers at rank 2 (written at rank 2): total relative error ‖ΔW − LoRA‖/‖ΔW‖ " \
+                   f"{total:.4f}"
+    name, err = worst.split()
+    assert errors[name] == float(err) == max(errors.values())
+    assert last == summary[0].removesuffix(" (--per-layer: every layer's)")
+
+
 def test_merged_export_loads_as_an_ordinary_model_with_the_shifts_baked_in(trained, tmp_path, bpe_vocab):
     model, base_path, _ = trained
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny.TEXT_WIDTH)
@@ -140,7 +156,10 @@ def test_cli_export_lora_writes_the_scaled_rank_k_truncation_and_counts_what_it_
     assert r.returncode == 0, r.stderr
     left_out = sum(m.kind in ("norm", "embedding") for _, m in svdiff.shifts(model))
     assert left_out > 0 and f"warning: {left_out} shifted layers (norm γ, embeddings" in r.stderr
-    assert "total relative error" in r.stdout and f"wrote {out}" in r.stdout
+    layers = sum(m.kind in ("linear", "conv") for _, m in svdiff.shifts(model))
+    summary, wrote = r.stdout.splitlines()  # no per-layer table without --per-layer
+    assert summary.startswith(f"LoRA of {layers} layers at rank 3 ") and "worst layer" in summary
+    assert wrote == f"wrote {out}"
     lora = load_file(str(out))
     assert all(t.dtype == torch.float16 for t in lora.values())
     with torch.no_grad():
