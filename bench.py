@@ -555,7 +555,7 @@ def table(r) -> str:
         lines.append(f"| applying a shift file (SVD from the cache, merge) | {r['apply_shifts_seconds']:.1f} s |")
     if "checkpointed_step_seconds" in r:
         lines.append(f"| SVDiff training as train.py --grad-checkpointing (drop_weights), "
-                     f"{len(r['checkpointed_seconds'])} steps: seconds per step (median), peak memory | "
+                     f"{sd.plural(len(r['checkpointed_seconds']), 'step')}: seconds per step (median), peak memory | "
                      f"{r['checkpointed_step_seconds']:.2f} s, {gb(r['checkpointed_peak_bytes'])} |")
     if "shift_file_bytes" in r:
         lines += [f"| shift file `all`, fp32 / fp16 ({r['shift_floats']:,} floats) | {mb(r['shift_file_bytes'])} / "

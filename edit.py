@@ -276,7 +276,7 @@ def main(argv=None):
             svdiff.atomic_write(lambda p: im.save(p, format="PNG"), out / output_name(i, prompt, seed))
             row.append((im, prompt if len(a.seed) == 1 else f"{prompt} (seed {seed})"))
     svdiff.atomic_write(lambda p: comparison(rows).save(p, format="PNG"), out / "comparison.png")
-    print(f"done: {len(a.edit) * len(a.seed)} edits and comparison.png in {out}")
+    print(f"done: {sd.plural(len(a.edit) * len(a.seed), 'edit')} and comparison.png in {out}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def main(argv=None):
     grid = sd.grid(images)
     svdiff.atomic_write(lambda p: grid.save(p, format="PNG"), out / "grid.png")
     svdiff.atomic_write(lambda p: p.write_text(json.dumps(vars(a), indent=2)), out / "sample_config.json")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    print(f"wrote {sd.plural(len(images), 'image')} and grid.png to {out}")
 
 
 if __name__ == "__main__":

@@ -602,3 +602,8 @@ def check_writable(out: Path, flag: str):
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {out} is not writable; choose another folder")
+
+
+def plural(n: int, noun: str) -> str:
+    """"1 image", "2 images", "12,288 values": the scripts' counts (every noun they count takes an -s)."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -128,6 +128,41 @@ def in_layer_range(key: str, ranges) -> bool:
     return False
 
 
+# Original-key prefix of each shifted component, of every family (SDXL: text_encoder and text_encoder_2)
+COMPONENT_PREFIXES = [("unet", sd.UNET_PREFIX)] + [(c, p) for family in sd.TEXT_ENCODERS.values()
+                                                   for c, (p, _) in family.items()]
+
+
+def block_names(keys) -> str:
+    """The names --mix can take, per component, as they occur in these keys: each key's first numbered part as a
+    range of its numbers (input_blocks.0-11, layers.0-11), or, for a key with none, its layer's own name
+    (token_embedding). E.g. "unet: input_blocks.0-11, middle_block.0-2, …; text_encoder: layers.0-11, …"."""
+    found = {c: {} for c, _ in COMPONENT_PREFIXES} | {"other": {}}  # component -> {name: [numbers]}, UNet first
+    for key in sorted(keys):
+        component, rest = next(((c, key[len(p):]) for c, p in COMPONENT_PREFIXES if key.startswith(p)), ("other", key))
+        m = re.search(r"(\w+)\.(\d+)\.", rest)
+        names = found.setdefault(component, {})
+        if m:
+            names.setdefault(m[1], []).append(int(m[2]))
+        else:
+            names.setdefault(rest.removesuffix(".weight").rsplit(".", 1)[-1], [])
+    def shown(name, n):
+        return name if not n else f"{name}.{n[0]}" if min(n) == max(n) else f"{name}.{min(n)}-{max(n)}"
+    return "; ".join(f"{component}: " + ", ".join(shown(name, n) for name, n in names.items())
+                     for component, names in found.items() if names)
+
+
+def check_mix(mix, key_sets):
+    """--mix: every range must name some weight of the files (`key_sets`: each file's keys), or a typo
+    (outputblocks.0-5) would mix nothing and write a copy of the first file. Needs the keys only, so scripts check
+    it before loading a model."""
+    keys = set().union(*key_sets)
+    for r in mix or []:
+        if not any(in_layer_range(k, [r]) for k in keys):
+            raise ValueError(f"--mix {r} matches no weight of the files; name a range as NAME.A-B or a dotted part of "
+                             f"a key, from the files' blocks: {block_names(keys)}")
+
+
 def combine_files(specs, mix=None):
     """Eq. 4-5 on files: Σ sᵢδᵢ per key (a key missing from a file counts as δ = 0). With `mix` (two files,
     style mixing), the keys in those layer ranges come from the second file and all others from the first.
@@ -145,6 +180,7 @@ def combine_files(specs, mix=None):
                                  f"{first_meta.get(field)}; shifts of different base models cannot be combined")
     if mix is not None and len(read) != 2:
         raise ValueError("style mixing takes exactly two files: layers in the ranges from the second, rest from the first")
+    check_mix(mix, [tensors.keys() for _, (tensors, _) in read])
     terms = {}  # key -> [(δ, scale)] of the files that shift it
     for i, ((path, scale), (tensors, _)) in enumerate(read):
         for k, d in tensors.items():
@@ -352,9 +388,11 @@ def lora_names(model, component, name):
             for hf in clip_text.module_to_hf(name + ".weight", getattr(model, component).cfg)]
 
 
-def export_lora(model, path, rank=4, dtype=torch.float16):
-    """Write the shifts as a rank-`rank` LoRA that diffusers / AUTOMATIC1111 / ComfyUI / kohya load. Prints each
-    layer's relative error; γ and embedding shifts cannot be expressed as a LoRA and are skipped.
+def export_lora(model, path, rank=4, dtype=torch.float16, per_layer=False):
+    """Write the shifts as a rank-`rank` LoRA that diffusers / AUTOMATIC1111 / ComfyUI / kohya load. Prints one line:
+    the layers, the total relative error ‖ΔW − LoRA‖/‖ΔW‖ and the worst layer's (`per_layer`: each layer's before it,
+    hundreds of lines for a whole model); γ and embedding shifts cannot be expressed as a LoRA and are skipped.
+    Returns the total relative error.
 
     Every layer is written at ONE rank K (the largest min(rank, rank of the layer)) with ONE alpha = K, so each
     loader's scale alpha/r is 1 however it collects them: diffusers names the alphas of kohya attention layers after
@@ -387,15 +425,19 @@ def export_lora(model, path, rank=4, dtype=torch.float16):
             tensors[lname + ".lora_up.weight"] = up[i * rows:(i + 1) * rows].to(dtype).contiguous()
             tensors[lname + ".lora_down.weight"] = down.to(dtype).contiguous()
             tensors[lname + ".alpha"] = torch.tensor(float(K), dtype=dtype)
-    for name, err, _ in errors:
-        print(f"{name}: relative error {err:.4f}")
+    if per_layer:
+        for name, err, _ in errors:
+            print(f"{name}: relative error {err:.4f}")
     num = sum(e ** 2 * t for _, e, t in errors)
     den = sum(t for _, _, t in errors)
     total = (num / den).sqrt().item() if den > 0 else 0.0
-    print(f"total relative error of ΔW (rank {rank}): {total:.4f} over {len(errors)} layers, written at rank {K}")
+    worst = max(errors, key=lambda e: e[1], default=None)
+    print(f"LoRA of {sd.plural(len(errors), 'layer')} at rank {rank} (written at rank {K}): total relative error "
+          f"‖ΔW − LoRA‖/‖ΔW‖ {total:.4f}" + (f", worst layer {worst[0]} {worst[1]:.4f}" if worst else "")
+          + ("" if per_layer else " (--per-layer: every layer's)"))
     if skipped:
-        print(f"warning: {len(skipped)} shifted layers (norm γ, embeddings, rank-limited) cannot be expressed in a "
-              "LoRA and were left out", file=sys.stderr)
+        print(f"warning: {sd.plural(len(skipped), 'shifted layer')} (norm γ, embeddings, rank-limited) cannot be "
+              "expressed in a LoRA; left out", file=sys.stderr)
     # kohya's metadata; AUTOMATIC1111 files a LoRA under SDXL by ss_base_model_version "sdxl_…", under SD2 by
     # ss_v2 "True", and under SD1 otherwise (its Lora tab hides those of the other kinds)
     meta = {"ss_network_dim": str(K), "ss_network_alpha": str(K), "ss_network_module": "networks.lora",
@@ -418,7 +460,7 @@ def export_merged(model, source, path):
         out[k] = t.contiguous()
     missing = set(new) - set(out)
     if missing:
-        raise ValueError(f"{source} lacks {len(missing)} shifted weights (e.g. {sorted(missing)[0]})")
+        raise ValueError(f"{source} lacks {sd.plural(len(missing), 'shifted weight')} (e.g. {sorted(missing)[0]})")
     atomic_write(lambda p: save_file(out, str(p)), Path(path))
 
 
@@ -452,6 +494,8 @@ def main(argv=None):
         e.add_argument("--out", required=True, help="the file to write")
         if name == "export-lora":
             e.add_argument("--rank", type=int, default=4, help="LoRA rank: the k largest terms of each ΔW")
+            e.add_argument("--per-layer", action="store_true", help="print each layer's relative error, not only "
+                           "the total and the worst layer's")
     conv = sub.add_parser("convert", help="an svdiff-pytorch spectral_shifts.safetensors (and its _te file) in our "
                                           "format", formatter_class=sd.HelpFormatter)
     conv.add_argument("file", help="svdiff-pytorch's spectral_shifts.safetensors")
@@ -465,18 +509,19 @@ def main(argv=None):
     if a.command == "info":
         tensors, meta = read_shift_file(a.file)
         floats = sum(t.numel() for t in tensors.values())
-        print(f"{a.file}: {len(tensors)} shifted weights, {floats:,} values, {os.path.getsize(a.file):,} bytes")
+        print(f"{a.file}: {sd.plural(len(tensors), 'shifted weight')}, {sd.plural(floats, 'value')}, "
+              f"{sd.plural(os.path.getsize(a.file), 'byte')}")
         for k, v in sorted(meta.items()):
+            if k == "rank" and not v:  # "": trained (or combined) without --rank
+                v = "full (every singular value)"
             print(f"  {k}: {v}")
         if file_format(a.file, tensors) != FORMAT:
             print("  svdiff-pytorch file: apply it with --shifts, or write it in our format with shifts.py convert")
-        # per component, by the original prefixes of every family (SDXL: unet, text_encoder, text_encoder_2)
-        prefixes = [("unet", sd.UNET_PREFIX)] + [(c, p) for family in sd.TEXT_ENCODERS.values()
-                                                 for c, (p, _) in family.items()]
-        for component, prefix in prefixes:
+        for component, prefix in COMPONENT_PREFIXES:  # per component (SDXL: unet, text_encoder, text_encoder_2)
             part = [t for k, t in tensors.items() if k.startswith(prefix)]
             if part:
-                print(f"  {component} ({prefix}*): {len(part)} weights, {sum(t.numel() for t in part):,} values, "
+                print(f"  {component} ({prefix}*): {sd.plural(len(part), 'weight')}, "
+                      f"{sd.plural(sum(t.numel() for t in part), 'value')}, "
                       f"|δ| mean {torch.cat([t.float().abs() for t in part]).mean():.4g}")
         return
     check_shift_files(a.files if a.command == "combine" else getattr(a, "shifts", []))
@@ -489,7 +534,7 @@ def main(argv=None):
         from safetensors.torch import save_file
         out = {k: v.to(torch.float16 if a.half else torch.float32).contiguous() for k, v in combined.items()}
         atomic_write(lambda p: save_file(out, str(p), metadata=meta), Path(a.out))
-        print(f"wrote {a.out}: {len(out)} shifted weights")
+        print(f"wrote {a.out}: {sd.plural(len(out), 'shifted weight')}")
         return
     if a.command == "export-lora" and a.rank < 1:
         raise ValueError("--rank must be at least 1")
@@ -503,7 +548,7 @@ def main(argv=None):
     if a.command == "convert":
         ours, apart = from_svdiff_pytorch(model, theirs, a.file)
         save_shift_file(model, a.out, subset="svdiff-pytorch", deltas=ours)
-        print(f"wrote {a.out}: {len(ours)} shifted weights")
+        print(f"wrote {a.out}: {sd.plural(len(ours), 'shifted weight')}")
         if apart:
             print(f"warning: {len(apart)} layers of {a.file} were left out: SD2's text-encoder q/k/v projections, "
                   "one fused matrix (in_proj) in our format whose singular values are not the three of svdiff-pytorch; "
@@ -511,7 +556,7 @@ def main(argv=None):
         return
     apply_shift_files(model, a.shifts, force=a.force, merged=False)
     if a.command == "export-lora":
-        export_lora(model, a.out, a.rank)
+        export_lora(model, a.out, a.rank, per_layer=a.per_layer)
     else:
         export_merged(model, a.model, a.out)
     print(f"wrote {a.out}")

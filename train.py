@@ -125,7 +125,8 @@ def check_args(a):
         raise ValueError("the instance prompt uses {token}: pass --token with a rare word such as sks, or an "
                          "--instance-prompt without {token}")
     if a.token and len(a.images) != len(a.token):
-        raise ValueError(f"--images and --token come in pairs: got {len(a.images)} folders, {len(a.token)} tokens")
+        raise ValueError(f"--images and --token come in pairs: got {sd.plural(len(a.images), 'folder')}, "
+                         f"{sd.plural(len(a.token), 'token')}")
     if a.class_word and len(a.class_word) != len(a.images):
         raise ValueError("give one --class-word per --images folder, or none (then the folder names are used)")
     if a.resolution is not None and (a.resolution % 8 or a.resolution < 8):  # (None: the family's default)
@@ -193,7 +194,7 @@ def generate_class_images(model, prompt, folder: Path, n: int, steps: int, resol
     have = data.reusable_class_images(folder, made_for)
     if len(have) >= n:
         return
-    print(f"generating {n - len(have)} class images for {prompt!r} in {folder}")
+    print(f"generating {sd.plural(n - len(have), 'class image')} for {prompt!r} in {folder}")
     batch = 4 if device.startswith("cuda") else 1
     for i in tqdm(range(len(have), n, batch), desc="class images"):
         k = min(batch, n - i)
@@ -294,13 +295,16 @@ def train(a, instances=None):
                          for cap in caps] for (_, caps, _), tok, cw in zip(instances, tokens, a.class_word)]
     class_prompts = [a.class_prompt.format(**{"class": cw}) for cw in a.class_word]
     # Cut-Mix collages of each ordered pair of subjects: their prompts and the subjects' token positions, found
-    # before anything is written (a prompt that cannot work is refused now, not at the step that draws it)
+    # before anything is written (a prompt that cannot work is refused now, not at the step that draws it). SDXL's
+    # context is both encoders' states side by side, position by position, and its second tokenizer gives the same
+    # ids but for the padding after EOS: the first tokenizer's positions hold for both.
     collages = {}
     if len(subjects) >= 2 and a.cutmix_prob > 0:
         for left, right in itertools.permutations(range(len(subjects)), 2):
             prompt, class_prompt = cutmix_prompts(a, left, right)
-            collages[left, right] = prompt, class_prompt, [(subject_positions(model, prompt, a.token[i]), side)
-                                                           for i, side in ((left, "left"), (right, "right"))]
+            positions = [(svdiff.token_positions(model.tokenizer, prompt, a.token[i]), side)
+                         for i, side in ((left, "left"), (right, "right"))]
+            collages[left, right] = prompt, class_prompt, positions
     class_images = []
     if a.prior_weight > 0:
         for cw, prompt in zip(a.class_word, class_prompts):
@@ -473,13 +477,6 @@ def set_train(model, on: bool):
     for module in (model.unet, model.text_encoder, model.text_encoder_2):
         if module is not None:
             module.train(on)
-
-
-def subject_positions(model, prompt: str, token: str) -> list[int]:
-    """Where a subject's token sits in a collage prompt's context (svdiff.token_positions), by the first tokenizer.
-    SDXL's context is both encoders' states side by side, position by position; its second tokenizer gives the same
-    ids ("!" included, as open_clip) and differs only in the padding after EOS, so the positions hold for both."""
-    return svdiff.token_positions(model.tokenizer, prompt, token)
 
 
 def draw_subjects(gen, n_subjects: int, cutmix_prob: float) -> list[int]:

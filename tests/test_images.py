@@ -79,7 +79,7 @@ def test_huge_photos_are_not_taken_for_decompression_bombs(tmp_path, monkeypatch
     """PIL refuses images over 2 x MAX_IMAGE_PIXELS (179 MP by default; phones take 200 MP): shrink the limit so
     that a small image stands for a huge one."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    Image.fromarray(np.zeros((100, 300, 3), "uint8")).save(tmp_path / "huge.png")
+    Image.fromarray(np.zeros((100, 200, 3), "uint8")).save(tmp_path / "huge.png")
     x, _, warning = data.load_image(tmp_path / "huge.png", 64)
     assert x.shape == (3, 64, 64) and warning is None
     assert data.MAX_PIXELS >= 200_000_000  # a 200 MP photo without even PIL's warning
@@ -111,6 +111,21 @@ def test_only_images_smaller_than_the_resolution_are_upscaled_with_a_warning(tmp
     Image.fromarray(np.zeros((63, 80, 3), "uint8")).save(tmp_path / "small.png")
     assert data.load_image(tmp_path / "exact.png", 64)[2] is None
     assert "small.png is 80x63, smaller than --resolution 64: upscaled" == data.load_image(tmp_path / "small.png", 64)[2]
+
+
+def test_a_centre_crop_that_keeps_less_than_half_of_the_image_warns_naming_it(tmp_path, capsys):
+    Image.fromarray(np.zeros((32, 64, 3), "uint8")).save(tmp_path / "half.png")    # 2:1, the square keeps half
+    Image.fromarray(np.zeros((32, 65, 3), "uint8")).save(tmp_path / "wider.png")   # keeps 32/65 = 49 %
+    Image.fromarray(np.zeros((200, 1200, 3), "uint8")).save(tmp_path / "strip.png")
+    assert data.load_image(tmp_path / "half.png", 32)[2] is None
+    assert data.load_image(tmp_path / "wider.png", 32)[2] == (
+        "wider.png is 65x32: the centre crop keeps 49% of it, the middle square; crop it around the subject yourself")
+    data.load_image_folder(tmp_path / "strip.png", 32)
+    assert "warning: strip.png is 1200x200: the centre crop keeps 16% of it" in capsys.readouterr().err
+    # both warnings, when a small image is also a strip
+    assert data.load_image(tmp_path / "wider.png", 40)[2] == (
+        "wider.png is 65x32, smaller than --resolution 40: upscaled; the centre crop keeps 49% of it, the middle "
+        "square; crop it around the subject yourself")
 
 
 def test_limit_takes_the_first_readable_images_by_name(tmp_path, capsys):

@@ -179,6 +179,11 @@ def test_svd_cache_is_written_by_the_first_shifts_run_and_reused_by_the_next(shi
     assert np.array_equal(first[0], again[0])
 
 
+def test_one_image_is_counted_as_one(shifted, tmp_path, capsys):
+    run_sample(shifted, tmp_path / "out", "--num-images", 1, "--steps", 1)
+    assert f"wrote 1 image and grid.png to {tmp_path / 'out'}" in capsys.readouterr().out
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True,
                           cwd=ROOT)

@@ -1,4 +1,6 @@
 """shifts.py: LoRA export is the exact rank-k truncation; merged export loads as an ordinary model; the CLI."""
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,22 @@ def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
     assert lora["lora_unet_conv_in.lora_down.weight"].ndim == 4
 
 
+def test_export_lora_prints_the_total_and_worst_layer_and_each_layer_only_when_asked(trained, tmp_path, capsys):
+    model, _, _ = trained
+    total = shifts.export_lora(model, tmp_path / "a.safetensors", rank=2)
+    summary = capsys.readouterr().out.splitlines()
+    shifts.export_lora(model, tmp_path / "b.safetensors", rank=2, per_layer=True)
+    *table, last = capsys.readouterr().out.splitlines()
+    errors = {line.split(": relative error ")[0]: float(line.split()[-1]) for line in table}
+    assert len(summary) == 1 and len(table) == sum(m.kind in ("linear", "conv") for _, m in svdiff.shifts(model))
+    head, worst = summary[0].removesuffix(" (--per-layer: every layer's)").split(", worst layer ")
+    assert head == f"LoRA of {len(table)} layers at rank 2 (written at rank 2): total relative error ‖ΔW − LoRA‖/‖ΔW‖ " \
+                   f"{total:.4f}"
+    name, err = worst.split()
+    assert errors[name] == float(err) == max(errors.values())
+    assert last == summary[0].removesuffix(" (--per-layer: every layer's)")
+
+
 def test_merged_export_loads_as_an_ordinary_model_with_the_shifts_baked_in(trained, tmp_path, bpe_vocab):
     model, base_path, _ = trained
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny.TEXT_WIDTH)
@@ -79,7 +97,7 @@ def test_merged_export_refuses_a_source_that_lacks_a_shifted_weight(trained, tmp
     source = load_file(str(base_path))
     del source["model.diffusion_model.out.2.weight"]
     save_file(source, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="lacks 1 shifted weights"):
+    with pytest.raises(ValueError, match=r"lacks 1 shifted weight \(e.g."):
         shifts.export_merged(model, tmp_path / "other.safetensors", tmp_path / "merged.safetensors")
     assert not (tmp_path / "merged.safetensors").exists()
 
@@ -138,7 +156,10 @@ def test_cli_export_lora_writes_the_scaled_rank_k_truncation_and_counts_what_it_
     assert r.returncode == 0, r.stderr
     left_out = sum(m.kind in ("norm", "embedding") for _, m in svdiff.shifts(model))
     assert left_out > 0 and f"warning: {left_out} shifted layers (norm γ, embeddings" in r.stderr
-    assert "total relative error" in r.stdout and f"wrote {out}" in r.stdout
+    layers = sum(m.kind in ("linear", "conv") for _, m in svdiff.shifts(model))
+    summary, wrote = r.stdout.splitlines()  # no per-layer table without --per-layer
+    assert summary.startswith(f"LoRA of {layers} layers at rank 3 ") and "worst layer" in summary
+    assert wrote == f"wrote {out}"
     lora = load_file(str(out))
     assert all(t.dtype == torch.float16 for t in lora.values())
     with torch.no_grad():
@@ -238,6 +259,13 @@ def shift_file(path, length, fingerprint="0" * 16, rank=""):
     return str(path)
 
 
+def test_info_names_a_full_rank_file_full_rank(tmp_path, capsys):
+    shifts.main(["info", shift_file(tmp_path / "full.safetensors", 2)])
+    assert "\n  rank: full (every singular value)\n" in capsys.readouterr().out
+    shifts.main(["info", shift_file(tmp_path / "four.safetensors", 4, rank="4")])
+    assert "\n  rank: 4\n" in capsys.readouterr().out
+
+
 def test_files_of_two_rank_limits_combine_under_the_larger_one(tmp_path):
     two, four = shift_file(tmp_path / "a.safetensors", 2, rank="2"), shift_file(tmp_path / "b.safetensors", 4, rank="4")
     combined, meta = shifts.combine_files([two, f"{four}:-1"])
@@ -253,8 +281,53 @@ def test_combining_files_of_other_base_models_or_mixing_three_is_refused(tmp_pat
         shifts.combine_files([two, four, two], mix=["output_blocks.0-5"])
 
 
+def unet_file(path, blocks):
+    """A shift file of one δ per named UNet layer (e.g. "output_blocks.3.0.in_layers.2"), written without a model."""
+    save_file({f"model.diffusion_model.{b}.weight": torch.ones(2) for b in blocks}, str(path),
+              metadata={"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sd1", "fingerprint": "0" * 16})
+    return path
+
+
+def test_a_mix_range_that_matches_no_weight_is_an_error_naming_the_blocks_and_writes_nothing(tmp_path):
+    a = unet_file(tmp_path / "a.safetensors", ["input_blocks.1.1.proj_in", "output_blocks.3.0.in_layers.2", "out.2"])
+    b = unet_file(tmp_path / "b.safetensors", ["output_blocks.5.1.proj_out"])
+    r = cli("combine", a, b, "--mix", "output_blocks.0-5", "outputblocks.0-5", "--out", tmp_path / "mix.safetensors")
+    assert r.returncode == 1 and r.stdout == "" and not (tmp_path / "mix.safetensors").exists()
+    assert r.stderr == ("error: --mix outputblocks.0-5 matches no weight of the files; name a range as NAME.A-B or a "
+                        "dotted part of a key, from the files' blocks: unet: input_blocks.1, out.2, "
+                        "output_blocks.3-5\n")
+
+
+def test_a_mix_range_is_checked_from_the_files_keys_alone():
+    keys = [{"model.diffusion_model.middle_block.1.proj_in.weight"},
+            {"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight",
+             "cond_stage_model.transformer.text_model.final_layer_norm.weight"}]
+    shifts.check_mix(["middle_block", "layers.0-3", "final_layer_norm"], keys)
+    shifts.check_mix(None, keys)
+    with pytest.raises(ValueError, match=r"--mix input_blocks.0-5 matches no weight .* unet: middle_block.1; "
+                                         r"text_encoder: layers.3, final_layer_norm$"):
+        shifts.check_mix(["middle_block", "input_blocks.0-5"], keys)
+
+
 def test_a_spec_is_a_path_and_an_optional_numeric_scale():
     for spec, path, scale in (("a.st", "a.st", 1.0), ("a.st:0.5", "a.st", 0.5), ("a.st:-1", "a.st", -1.0),
                               ("a.st:.25", "a.st", 0.25), ("a.st:1e-3", "a.st", 1e-3), ("C:/b/a.st", "C:/b/a.st", 1.0),
                               ("run:1/a.st:2", "run:1/a.st", 2.0)):
         assert shifts.parse_spec(spec) == (Path(path), scale), spec
+
+
+def test_written_files_get_the_users_usual_mode(trained, tmp_path, bpe_vocab):
+    """safetensors creates its files 0600; ours get what a plain open() gives, 0666 less the umask (0002: 0664, so
+    that neither 0600 nor a hard-coded 0644 passes)."""
+    model, base, path = trained
+    old = os.umask(0o002)
+    try:
+        shifts.save_shift_file(model, tmp_path / "again.safetensors")
+        shifts.export_lora(model, tmp_path / "lora.safetensors", rank=2)
+        cached = sd.load(base, vocab=bpe_vocab)
+        svdiff.add_spectral_shifts(cached, cache=tmp_path / "svd.safetensors", progress=False)
+        shifts.export_merged(model, base, tmp_path / "merged.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("again", "lora", "svd", "merged"):
+        assert stat.S_IMODE((tmp_path / f"{name}.safetensors").stat().st_mode) == 0o664, name
