@@ -215,6 +215,7 @@ def test_train_defaults_of_an_sdxl_hub_id_fetch_what_the_run_loads_so_nothing_is
     fetches the repo as the run's load reads it, and that load then makes no request."""
     env = hub_env(hub.url, tmp_path / "hf")
     (tmp_path / "dog").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "dog" / "0.png")  # (read before the fetch)
     hub.log.clear()
     r = subprocess.run([sys.executable, "-c", RESOLVE.format(root=str(ROOT)), "org/tiny-sdxl"], env=env,
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
