@@ -82,12 +82,17 @@ def test_resume_needs_only_the_run_folder_and_ends_bit_exact(setup, whole):
 ])
 def test_resume_refuses_a_flag_that_would_change_what_is_trained_naming_both_values(setup, whole, flag, value,
                                                                                    recorded):
-    given = [flag] + ([] if value is None else [setup / value if flag == "--images" else value])
+    given = [flag] + ([] if value is None else [str(setup / value if flag == "--images" else value)])
+    with pytest.raises(ValueError) as e:
+        train.resolve(train.parse_args(["--resume", str(whole), "--steps", "8", *given]))
+    assert str(e.value).startswith(f"{flag} ") and recorded in str(e.value) and "differs from the run's" in str(e.value)
+
+
+def test_a_refused_resume_is_one_line_and_changes_nothing(whole):
     before = {p.name: p.read_bytes() for p in whole.iterdir() if p.is_file()}
-    r = run("--resume", whole, "--steps", 8, *given)
+    r = run("--resume", whole, "--steps", 8, "--resolution", 32)
     assert r.returncode == 1 and len(errors(r)) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert errors(r)[0].startswith(f"error: {flag} ") and recorded in errors(r)[0] and "differs from the run's" in \
-        errors(r)[0]
+    assert errors(r)[0].startswith("error: --resolution 32 differs from the run's 64")
     assert {p.name: p.read_bytes() for p in whole.iterdir() if p.is_file()} == before
 
 
@@ -104,7 +109,7 @@ def test_resume_accepts_the_flags_that_may_change_and_refuses_a_finished_run_wit
 
 
 def test_ctrl_c_saves_the_last_step_and_its_printed_command_continues_bit_exact(setup, tmp_path):
-    steps = 40
+    steps = 20
     whole, out = tmp_path / "whole", tmp_path / "interrupted"
     args = flags(setup, out, steps, "--save-every", 1000, "--no-prior")  # no save before the end but Ctrl-C's
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
