@@ -20,6 +20,7 @@ with --grad-checkpointing for --train-steps steps (seconds per step, peak memory
 one-line JSON summary; --json FILE writes every figure.
 """
 import argparse
+import copy
 import gc
 import json
 import os
@@ -38,9 +39,11 @@ import torch.nn.functional as F
 
 import clip_text
 import sd
-import shifts
 import svdiff
 import unet as unet_lib
+from support import apply_shifts, cli, fast_layer, fast_svd, shift_files
+from support.files import atomic_write
+from support.svd_cache import check_svd_cache
 
 LORA_RANK = 4
 LORA_TARGETS = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")  # diffusers' default target_modules
@@ -58,7 +61,7 @@ SVD_SAMPLE_EVERY = 8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=sd.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to measure")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (latents are 1/8)")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions per method (after one warm-up)")
@@ -85,11 +88,11 @@ def check_args(a):
     bad = set(a.parts.split(",")) - set(PARTS)
     if bad:
         raise ValueError(f"--parts: unknown {', '.join(sorted(bad))}; choose from {', '.join(PARTS)}")
-    sd.check_device(a.device)
+    cli.check_device(a.device)
     if a.svd_cache:  # bench.py replaces it with the SVD of its random weights
-        svdiff.check_svd_cache(a.svd_cache)
+        check_svd_cache(a.svd_cache)
     if a.json:
-        sd.check_writable(Path(a.json).parent, "--json")
+        cli.check_writable(Path(a.json).parent, "--json")
     if a.arch == "sdxl" and a.device == "cpu" and not a.tiny:
         raise ValueError("--arch sdxl measures the full SDXL architecture on a GPU (--device cuda): its UNet alone is "
                          "10 GB in fp32 and the SVD would take hours on a CPU; add --tiny for its tiny form here")
@@ -205,10 +208,8 @@ class Methods:
     def __init__(self, model, cache, device, which=METHODS):
         self.model, self.device = model, device
         if {"svdiff", "naive"} & set(which) and not svdiff.shifts(model):
-            svdiff.add_spectral_shifts(model, "all", cache=cache, progress=False)
-        # (component, module name) -> SpectralShift; LoRA by UNet module name
-        self.shifts = {(c, n): m for c in sd.SHIFTED if getattr(model, c) is not None
-                       for n, m in getattr(model, c).named_modules() if isinstance(m, svdiff.SpectralShift)}
+            fast_layer.add_spectral_shifts(model, "all", cache=cache, progress=False)
+        self.shifts = dict(svdiff.shifts(model))  # layer name ("unet.…") -> SpectralShift; LoRA by UNet module name
         self.loras = {}
         if "lora" in which:
             plain = lambda m: getattr(m, "base", m)
@@ -218,21 +219,22 @@ class Methods:
 
     def weights(self):
         """The UNet's own parameters (W, b, γ, β) wherever they sit in the tree (not held here: a child process
-        may drop W with svdiff.drop_weights, and a list here would keep it alive)."""
+        may drop W with fast_layer.drop_weights, and a list here would keep it alive)."""
         return [p for n, p in self.model.unet.named_parameters() if not n.endswith(("delta", ".down", ".up"))]
 
     def use(self, method):
         """Put `method`'s modules in the model: shifts for svdiff/naive, LoRA on attention for lora, the plain
         layers otherwise ("full", "base"); only the full fine-tune leaves the UNet weights trainable."""
-        for (component, name), shift in self.shifts.items():
+        for name, shift in self.shifts.items():
+            component, _, path = name.partition(".")
             new = shift if method in ("svdiff", "naive") else \
-                self.loras[name] if method == "lora" and component == "unet" and name in self.loras else shift.base
-            svdiff._set_child(getattr(self.model, component), name, new)
+                self.loras[path] if method == "lora" and component == "unet" and path in self.loras else shift.base
+            svdiff.set_module(self.model, name, new)
         if not self.shifts:  # a child process with LoRA alone
-            for name, lora in self.loras.items():
-                svdiff._set_child(self.model.unet, name, lora if method == "lora" else lora.base)
+            for path, lora in self.loras.items():
+                svdiff.set_module(self.model, "unet." + path, lora if method == "lora" else lora.base)
         if self.shifts and method in ("svdiff", "naive"):
-            svdiff.set_mode(self.model, "auto" if method == "svdiff" else "naive")
+            fast_layer.set_mode(self.model, "auto" if method == "svdiff" else "naive")
         for p in self.weights():
             p.requires_grad_(method == "full" and self.full_unet is None)
 
@@ -250,7 +252,6 @@ class Methods:
                 groups = [{"params": [p for l in self.loras.values() for p in (l.down, l.up)], "lr": 1e-4}]
             else:
                 if self.device == "cuda":  # mixed precision keeps fp32 weights, as diffusers' full fine-tune
-                    import copy
                     self.full_unet = copy.deepcopy(self.model.unet).float().requires_grad_(True)
                 groups = [{"params": list(self.unet_for("full").parameters()), "lr": 5e-6}]
             self.optimizers[key] = torch.optim.AdamW(groups)
@@ -340,12 +341,12 @@ def bench_svd(model, cache: Path, device, progress: bool):
     load as the seconds do. Leaves the model with its shifts added from the cache."""
     cache.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    svdiff.add_spectral_shifts(model, "all", cache=cache, progress=progress)
+    fast_layer.add_spectral_shifts(model, "all", cache=cache, progress=progress)
     cold = time.perf_counter() - t0
     svdiff.remove_spectral_shifts(model)
     gc.collect()
     t0 = time.perf_counter()
-    svdiff.add_spectral_shifts(model, "all", cache=cache, progress=False)
+    fast_layer.add_spectral_shifts(model, "all", cache=cache, progress=False)
     for _, m in svdiff.shifts(model):
         if m.kind != "norm":
             m.U.sum(), m.Vh.sum()
@@ -356,12 +357,12 @@ def bench_svd(model, cache: Path, device, progress: bool):
 
 
 def svd_vs_lapack(model, device):
-    """svdiff.svd (Gram + eigh) and torch.linalg.svd, both float64 from the weight, on every SVD_SAMPLE_EVERY-th
+    """fast_svd.svd (Gram + eigh) and torch.linalg.svd, both float64 from the weight, on every SVD_SAMPLE_EVERY-th
     matrix in model order, each matrix by both in turn (the order flips every matrix), after one untimed call of
     each (library start-up). Returns the ratio of the summed seconds and the seconds."""
     matrices = [svdiff.matrix_of(m.base) for _, m in svdiff.shifts(model) if m.kind != "norm"]
     sample = matrices[::SVD_SAMPLE_EVERY]
-    ours = lambda W: (lambda: svdiff.svd(W))
+    ours = lambda W: (lambda: fast_svd.svd(W))
     lapack = lambda W: (lambda: torch.linalg.svd(W.detach().double(), full_matrices=False))
     ours(sample[0])(), lapack(sample[0])()
     seconds = {"ours": 0.0, "lapack": 0.0}
@@ -380,8 +381,8 @@ def bench_files(methods: Methods, folder: Path):
     with torch.no_grad():
         for _, m in svdiff.shifts(model):
             m.delta.normal_(0, 1e-3)
-    shifts.save_shift_file(model, folder / "shifts.safetensors")
-    shifts.save_shift_file(model, folder / "shifts_fp16.safetensors", half=True)
+    shift_files.save_shift_file(model, folder / "shifts.safetensors")
+    shift_files.save_shift_file(model, folder / "shifts_fp16.safetensors", half=True)
     save_lora_file(methods.loras, model.unet, folder / "lora.safetensors")
     save_lora_file(methods.loras, model.unet, folder / "lora_fp16.safetensors", torch.float16)
     size = lambda name: (folder / name).stat().st_size
@@ -425,11 +426,11 @@ def bench_sampling(methods: Methods, batch, reps: int, arch: str, tiny: bool, fo
     program never imports diffusers.)"""
     model, device = methods.model, methods.device
     methods.use("svdiff")
-    shifts.save_shift_file(model, folder / "sample_shifts.safetensors")
+    shift_files.save_shift_file(model, folder / "sample_shifts.safetensors")
     methods.use("base")
     shifted = build_model(tiny, device, next(model.unet.parameters()).dtype, arch)
     t0 = time.perf_counter()
-    shifts.apply_shift_files(shifted, [str(folder / "sample_shifts.safetensors")], cache=cache)
+    apply_shifts.apply_shift_files(shifted, [str(folder / "sample_shifts.safetensors")], cache=cache)
     sync(device)
     apply_seconds = time.perf_counter() - t0
     x_t, t, _ = batch
@@ -464,12 +465,12 @@ def peak_memory(device) -> int:
 def child(a):
     """The `--child` process: build the model, train one method, print the peak memory since the model was built.
     A probe (PROBES) takes one step: the first is the peak (it allocates AdamW's state while the gradients are
-    alive). "checkpointing" trains SVDiff as train.py --grad-checkpointing does (svdiff.drop_weights, the UNet's
+    alive). "checkpointing" trains SVDiff as train.py --grad-checkpointing does (fast_layer.drop_weights, the UNet's
     activations recomputed in the backward pass) for 1 + --train-steps steps, and prints the timed ones' seconds."""
     device = a.device
     model = build_model(a.tiny, device, torch.bfloat16 if device == "cuda" else torch.float32, a.arch)
     if a.child == "svd-cache":  # not a probe: writes the cache the probes read, so none of them times the SVD
-        svdiff.add_spectral_shifts(model, "all", cache=a.svd_cache, progress=False)
+        fast_layer.add_spectral_shifts(model, "all", cache=a.svd_cache, progress=False)
         print("{}")
         return
     if device == "cuda":  # from here: the model as it runs, not the fp32 copy it was drawn in before the cast
@@ -479,7 +480,7 @@ def child(a):
         method = "svdiff" if a.child == "checkpointing" else a.child.removesuffix("-drop-w")
         methods = Methods(model, a.svd_cache, device, which=(method,))
         if a.child in ("svdiff-drop-w", "checkpointing"):
-            svdiff.drop_weights(model)
+            fast_layer.drop_weights(model)
         model.unet.grad_checkpointing = a.child == "checkpointing"
         batch = make_batch(model, a.resolution, device)
         steps = 1 + (a.train_steps if a.child == "checkpointing" else 0)
@@ -516,7 +517,7 @@ def bench_checkpointing(a, cache: Path):
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
-NAMES = {"svdiff": "SVDiff, fast path (auto)", "svdiff-drop-w": "... with svdiff.drop_weights",
+NAMES = {"svdiff": "SVDiff, fast path (auto)", "svdiff-drop-w": "... with drop_weights",
          "naive": "SVDiff, naive (rebuild W_δ)", "lora": "LoRA rank 4 (attention)", "full": "full fine-tune (UNet)"}
 
 
@@ -555,7 +556,7 @@ def table(r) -> str:
         lines.append(f"| applying a shift file (SVD from the cache, merge) | {r['apply_shifts_seconds']:.1f} s |")
     if "checkpointed_step_seconds" in r:
         lines.append(f"| SVDiff training as train.py --grad-checkpointing (drop_weights), "
-                     f"{sd.plural(len(r['checkpointed_seconds']), 'step')}: seconds per step (median), peak memory | "
+                     f"{cli.plural(len(r['checkpointed_seconds']), 'step')}: seconds per step (median), peak memory | "
                      f"{r['checkpointed_step_seconds']:.2f} s, {gb(r['checkpointed_peak_bytes'])} |")
     if "shift_file_bytes" in r:
         lines += [f"| shift file `all`, fp32 / fp16 ({r['shift_floats']:,} floats) | {mb(r['shift_file_bytes'])} / "
@@ -576,7 +577,7 @@ def save_figures(a, r: dict):
     """--json after every part, not only at the end: a run stopped by a time limit (a lent GPU's) keeps what it
     measured so far."""
     if a.json:
-        svdiff.atomic_write(lambda p: p.write_text(json.dumps(r, indent=2)), Path(a.json))
+        atomic_write(lambda p: p.write_text(json.dumps(r, indent=2)), Path(a.json))
 
 
 def bench_in_process(a, parts, cache: Path, tmp: Path, r: dict):
@@ -641,8 +642,4 @@ if __name__ == "__main__":
         # that sleep cost little on an idle machine and keep a shared one's timings sane. It must be set before
         # torch starts OpenMP, so the script starts again with it.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

@@ -11,22 +11,24 @@ records, else $SVDIFF_MODEL, else SD1.5 from the Hugging Face Hub.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 import sd
-import shifts
-import svdiff
+from support import apply_shifts, cli, loading, shift_files
+from support.files import atomic_write
+from support.images import save_png
+from support.svd_cache import check_svd_cache
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=sd.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None,
                    help="SD 1.x/2.x/XL single file, diffusers folder or Hugging Face Hub id owner/name[@revision] "
                         f"(default: the base model the first --shifts file records, else $SVDIFF_MODEL, else "
-                        f"{sd.DEFAULT_MODEL})")
+                        f"{loading.DEFAULT_MODEL})")
     p.add_argument("--vocab", default=None, help="CLIP BPE vocabulary for single-file models (default: the shipped "
                    "bpe_simple_vocab_16e6.txt.gz)")
     p.add_argument("--prompt", required=True, help="what to draw, e.g. 'a photo of sks dog in the snow'")
@@ -55,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="apply --shifts made on other base weights anyway")
     p.add_argument("--svd-cache", default=None, help="file to keep the SVD of the base weights in (with --shifts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    p.add_argument("--dtype", choices=list(sd.DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=list(loading.DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--out", default=None, help="output folder (default: a new numbered folder under out/, never "
                    "one an earlier run wrote)")
     return p.parse_args(argv)
@@ -75,24 +77,24 @@ def check_args(a):
         raise ValueError(f"--steps must be between 1 and 1000, got {a.steps}")
     if a.num_images < 1 or (a.batch_size is not None and a.batch_size < 1):
         raise ValueError("--num-images and --batch-size must be at least 1")
-    sd.check_device(a.device)
+    cli.check_device(a.device)
     if a.svd_cache:
-        svdiff.check_svd_cache(a.svd_cache)
-    shifts.check_shift_files(a.shifts, "--shifts")
-    sd.check_writable(Path(a.out or "out"), "--out")
+        check_svd_cache(a.svd_cache)
+    apply_shifts.check_shift_files(a.shifts, "--shifts")
+    cli.check_writable(Path(a.out or "out"), "--out")
 
 
 def resolve_sizes(a, family: str):
-    """The image size (default: 512, SDXL 1024, sd.DEFAULT_SIZE) and SDXL's micro-conditioning (default: the output
-    size, crop 0 0, the output size, as diffusers' pipeline), from the model's family (sd.peek_family, before the
+    """The image size (default: 512, SDXL 1024, loading.DEFAULT_SIZE) and SDXL's micro-conditioning (default: the output
+    size, crop 0 0, the output size, as diffusers' pipeline), from the model's family (loading.peek_family, before the
     model is loaded); the micro-conditioning flags are refused for a model without it."""
     given = [f for f, v in (("--original-size", a.original_size), ("--crops-coords-top-left", a.crops_coords_top_left),
                             ("--target-size", a.target_size)) if v is not None]
     if given and family != "sdxl":
         raise ValueError(f"{', '.join(given)}: SDXL's micro-conditioning, but the model is {family} (no "
                          "label_emb); leave them out")
-    a.height = a.height or sd.DEFAULT_SIZE[family]
-    a.width = a.width or sd.DEFAULT_SIZE[family]
+    a.height = a.height or loading.DEFAULT_SIZE[family]
+    a.width = a.width or loading.DEFAULT_SIZE[family]
     if family == "sdxl":
         a.original_size = a.original_size or [a.height, a.width]
         a.crops_coords_top_left = a.crops_coords_top_left or [0, 0]
@@ -117,12 +119,12 @@ def main(argv=None):
     # sample_config.json keeps the values used, not the "default" placeholders
     a.dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     a.batch_size = a.batch_size or a.num_images
-    a.model = sd.choose_model(a.model, shifts.parse_spec(a.shifts[0])[0] if a.shifts else None)
-    resolve_sizes(a, sd.peek_family(a.model, half=sd.DTYPES[a.dtype] in sd.HALF))
-    model = sd.load(a.model, device=a.device, dtype=sd.DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
+    a.model = loading.choose_model(a.model, shift_files.parse_spec(a.shifts[0])[0] if a.shifts else None)
+    resolve_sizes(a, loading.peek_family(a.model, half=loading.DTYPES[a.dtype] in loading.HALF))
+    model = sd.load(a.model, device=a.device, dtype=loading.DTYPES[a.dtype], prediction_type=a.prediction_type, vocab=a.vocab)
     a.prediction_type = model.prediction_type
     if a.shifts:
-        shifts.apply_shift_files(model, a.shifts, force=a.force, cache=a.svd_cache)
+        apply_shifts.apply_shift_files(model, a.shifts, force=a.force, cache=a.svd_cache)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     # All initial latents first, from one generator, as diffusers draws them for num_images_per_prompt.
     latents = sd.initial_latents(model, a.num_images, a.height, a.width, generator)
@@ -137,22 +139,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     a.out = str(out)
     for i, im in enumerate(images):  # each file whole or not at all (Ctrl-C, a full disk)
-        svdiff.atomic_write(lambda p: im.save(p, format="PNG"), out / f"{i:03d}.png")
-    grid = sd.grid(images)
-    svdiff.atomic_write(lambda p: grid.save(p, format="PNG"), out / "grid.png")
-    svdiff.atomic_write(lambda p: p.write_text(json.dumps(vars(a), indent=2)), out / "sample_config.json")
-    print(f"wrote {sd.plural(len(images), 'image')} and grid.png to {out}")
+        save_png(im, out / f"{i:03d}.png")
+    save_png(sd.grid(images), out / "grid.png")
+    atomic_write(lambda p: p.write_text(json.dumps(vars(a), indent=2)), out / "sample_config.json")
+    print(f"wrote {cli.plural(len(images), 'image')} and grid.png to {out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; try --batch-size 1, --dtype fp16 or a smaller --height/--width",
-              file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    cli.run(main, "--batch-size 1, --dtype fp16 or a smaller --height/--width")

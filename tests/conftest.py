@@ -60,13 +60,13 @@ def load_with_shifts(model_path, shift_file=None, force=False, **load_args):
     """A model from `model_path` (sd.load's `load_args`: device, dtype, vocab), with the (unmerged) shifts of
     `shift_file` when one is given (`force`: also when trained on weights loaded in another precision)."""
     import sd
-    import shifts
-    import svdiff
+    from support import fast_layer, shift_files
     model = sd.load(model_path, **load_args)
     if shift_file:
-        tensors, _ = shifts.read_shift_file(shift_file)
-        svdiff.add_spectral_shifts(model, keys=set(tensors), progress=False)
-        shifts.load_shift_file(model, shift_file, force=force)
+        tensors, _ = shift_files.read_shift_file(shift_file)
+        names = shift_files.names_by_key(model)
+        fast_layer.add_spectral_shifts(model, names={names[k] for k in tensors}, progress=False)
+        shift_files.load_shift_file(model, shift_file, force=force)
     return model
 
 

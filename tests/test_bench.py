@@ -11,6 +11,7 @@ import torch.nn as nn
 import bench
 import clip_text
 import svdiff
+from support import svd_cache
 import unet as unet_lib
 
 
@@ -84,7 +85,7 @@ def test_tiny_run_reports_every_figure_and_ends_with_the_json_summary(tmp_path, 
     peak = everything["peak_bytes"]
     assert peak["full"] > peak["model"] and peak["svdiff"] > peak["model"]  # each child measures only itself
     model = bench.build_model(True, "cpu", torch.float32, arch)
-    assert everything["shift_floats"] == sum(svdiff.shift_length(m) for _, _, m in svdiff.shiftable_modules(model))
+    assert everything["shift_floats"] == sum(svdiff.shift_length(m) for _, m in svdiff.shiftable_modules(model))
     assert (everything["arch"], summary["arch"]) == (arch, arch)
     assert len(everything["checkpointed_seconds"]) == 2  # --train-steps, timed after the first step
     assert "| SVDiff, fast path (auto) |" in out.stdout and "ours ÷ torch.linalg.svd" in out.stdout
@@ -122,7 +123,7 @@ def test_child_parts_alone_first_write_the_svd_cache_they_read(tmp_path):
     out = subprocess.run([sys.executable, str(bench.Path(bench.__file__)), "--tiny", "--steps", "1", "--resolution",
                           "64", "--parts", "memory", "--svd-cache", str(cache)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert cache.is_file() and svdiff.check_svd_cache(cache) is None
+    assert cache.is_file() and svd_cache.check_svd_cache(cache) is None
     (tmp_path / "model.safetensors").write_bytes(b"not a cache")
     out = subprocess.run([sys.executable, str(bench.Path(bench.__file__)), "--tiny", "--svd-cache",
                           str(tmp_path / "model.safetensors")], capture_output=True, text=True)

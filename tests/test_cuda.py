@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 import bench
-import data
 import ddim
 import edit
 import sample
@@ -32,6 +31,7 @@ import svdiff
 import tiny
 import train
 from conftest import BPE_VOCAB, load_with_shifts, photo
+from support import apply_shifts, fast_layer, fast_svd, images, loading, shift_files, train_args
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 DEVICE = os.environ.get("SVDIFF_CUDA_LANE_DEVICE", "cuda")
@@ -80,7 +80,7 @@ def train_args(lane, out, *flags, device=DEVICE, model=None, subjects=("dog",)):
 
 def run_train(*args, **kwargs):
     """train.py's flags, in this process: returns the trained model (train.resolve + train.train)."""
-    return train.train(train.resolve(train.parse_args(train_args(*args, **kwargs))))
+    return train.train(train_args.resolve(train_args.parse(train_args(*args, **kwargs), train.Settings())))
 
 
 def read_log(out):
@@ -88,14 +88,14 @@ def read_log(out):
 
 
 def deltas(model):
-    return {k: m.delta.detach().float().cpu() for k, m in svdiff.shifts(model)}
+    return {k: m.delta.detach().float().cpu() for k, m in shift_files.shifts_by_key(model)}
 
 
 def fixed_loss(lane, shift_file=None):
     """ε-MSE on the dog photos at FIXED noise and timesteps, in fp32 on the lane's device, with or without a
     shift file (forced: the file may come from weights loaded in half precision)."""
     model = load_with_shifts(lane / "model.safetensors", shift_file, force=True, vocab=BPE_VOCAB, device=DEVICE)
-    images, _, _ = data.load_image_folder(lane / "dog", 64)
+    images, _, _ = images.load_image_folder(lane / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images).to(DEVICE))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor
@@ -133,7 +133,7 @@ def test_training_lowers_the_loss_round_trips_the_shift_file_and_resumes(lane, d
 
     # the file holds exactly the δ trained, and they lower the loss on the photos
     trained = deltas(model)
-    tensors, _ = shifts.read_shift_file(out / "shifts.safetensors")
+    tensors, _ = shift_files.read_shift_file(out / "shifts.safetensors")
     assert tensors.keys() == trained.keys() and all(torch.equal(tensors[k], trained[k]) for k in tensors)
     assert all(torch.isfinite(d).all() for d in trained.values())
     before, after = fixed_loss(lane), fixed_loss(lane, out / "shifts.safetensors")
@@ -256,13 +256,13 @@ def sample_images(lane, dtype, shift_file=None):
     cast. sample.py draws them in the weights' dtype, as diffusers does, and whether such a half-precision draw
     is the fp32 draw rounded depends on the PyTorch version (on the GPU machine's 2.11 it was not), which would
     make this a comparison of two seeds rather than of two precisions."""
-    model = sd.load(lane / "model.safetensors", device=DEVICE, dtype=sd.DTYPES[dtype], vocab=BPE_VOCAB)
+    model = sd.load(lane / "model.safetensors", device=DEVICE, dtype=loading.DTYPES[dtype], vocab=BPE_VOCAB)
     if shift_file:
-        shifts.apply_shift_files(model, [str(shift_file)])
+        apply_shifts.apply_shift_files(model, [str(shift_file)])
     f = sd.latent_factor(model)
     latents = torch.randn((2, model.unet.cfg.in_channels, 64 // f, 64 // f), generator=torch.Generator().manual_seed(0))
     images = sd.text_to_image(model, ["a photo of sks dog"] * 2, steps=10, guidance=7.5,
-                              latents=latents.to(DEVICE, sd.DTYPES[dtype]), progress=False)
+                              latents=latents.to(DEVICE, loading.DTYPES[dtype]), progress=False)
     return np.stack([np.asarray(im).astype(np.int16) for im in sd.to_pil(images)])
 
 
@@ -332,15 +332,15 @@ def test_svd_on_the_device_reconstructs_as_on_the_cpu(W):
     W = W()
     results = {}
     for device in ("cpu", DEVICE):
-        U, S, V = (f.cpu() for f in svdiff.svd(W.to(device)))
+        U, S, V = (f.cpu() for f in fast_svd.svd(W.to(device)))
         assert U.dtype == S.dtype == V.dtype == torch.float64
         results[device] = U, S, V
         recon = (U * S) @ V.T
         assert ((recon - W.double()).norm() / W.double().norm()).item() <= 1e-12, device
         eye = torch.eye(S.shape[0], dtype=torch.float64)
         keep = S > S[0] * 1e-6  # the factors of zero singular values are any orthonormal completion
-        assert (U[:, keep].T @ U[:, keep] - eye[keep][:, keep]).abs().max() <= svdiff.ORTHO_TOL, device
-        assert (V[:, keep].T @ V[:, keep] - eye[keep][:, keep]).abs().max() <= svdiff.ORTHO_TOL, device
+        assert (U[:, keep].T @ U[:, keep] - eye[keep][:, keep]).abs().max() <= fast_svd.ORTHO_TOL, device
+        assert (V[:, keep].T @ V[:, keep] - eye[keep][:, keep]).abs().max() <= fast_svd.ORTHO_TOL, device
     (U1, S1, V1), (U2, S2, V2) = results["cpu"], results[DEVICE]
     assert (S1 - S2).abs().max() <= 1e-12 * S1[0]
     assert (((U1 * S1) @ V1.T - (U2 * S2) @ V2.T).norm() / W.double().norm()).item() <= 1e-12
@@ -355,7 +355,7 @@ def factor_bytes(dtype_bytes=2):
     with torch.device("meta"):
         model = bench.build_model(False, "meta", torch.bfloat16)
     total = 0
-    for _, _, m in svdiff.shiftable_modules(model, "all"):
+    for _, m in svdiff.shiftable_modules(model, "all"):
         if m.weight.ndim > 1:
             rows, cols = m.weight.shape[0], m.weight[0].numel()
             total += min(rows, cols) * (rows + cols) * dtype_bytes
@@ -366,7 +366,7 @@ def factor_bytes(dtype_bytes=2):
 @cuda_only
 def test_sd15_training_step_at_512px_in_bf16_with_dropped_weights_peaks_under_lora_plus_the_factors(record_property):
     """bench.py's own memory probes (a fresh process each, one training step, max_memory_allocated): SVDiff of
-    `all` with svdiff.drop_weights (as train.py trains) against rank-4 LoRA, + the bf16 U/Vᵀ it must hold."""
+    `all` with fast_layer.drop_weights (as train.py trains) against rank-4 LoRA, + the bf16 U/Vᵀ it must hold."""
     peak = {}
     for probe in ("svdiff-drop-w", "lora"):
         r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--child", probe, "--device", "cuda",
@@ -400,13 +400,13 @@ def sd15_args(lane, sd15, out, *flags):
 def test_sd15_architecture_trains_in_bf16_resumes_and_its_shifts_sample_in_fp16(lane, sd15):
     out = lane / "sd15-bf16"
     flags = ["--dtype", "bf16", "--grad-checkpointing", "--no-prior", "--save-every", 5]
-    train.train(train.resolve(train.parse_args(sd15_args(lane, sd15, out, "--steps", 10, *flags))))
+    train.train(train_args.resolve(train_args.parse(sd15_args(lane, sd15, out, "--steps", 10, *flags), train.Settings())))
     torch.cuda.empty_cache()
-    train.train(train.resolve(train.parse_args(sd15_args(lane, sd15, out, "--steps", 12, "--resume", *flags))))
+    train.train(train_args.resolve(train_args.parse(sd15_args(lane, sd15, out, "--steps", 12, "--resume", *flags), train.Settings())))
     torch.cuda.empty_cache()
     log = read_log(out)
     assert [l["step"] for l in log] == list(range(1, 13)) and all(np.isfinite(l["loss"]) for l in log)
-    tensors, _ = shifts.read_shift_file(out / "shifts.safetensors")
+    tensors, _ = shift_files.read_shift_file(out / "shifts.safetensors")
     assert all(torch.isfinite(t).all() for t in tensors.values()) and any(t.abs().sum() > 0 for t in tensors.values())
     sample.main([f"--model={sd15[0]}", "--prompt=a photo of sks dog", "--steps=4", "--num-images=1",
                  f"--shifts={out / 'shifts.safetensors'}", f"--svd-cache={sd15[1]}", "--dtype=fp16",
@@ -419,8 +419,8 @@ def test_sd15_architecture_trains_in_bf16_resumes_and_its_shifts_sample_in_fp16(
 @cuda_only
 def test_sd15_architecture_trains_in_fp16_with_prior_preservation_and_loss_scaling(lane, sd15, record_property):
     out = lane / "sd15-fp16"
-    model = train.train(train.resolve(train.parse_args(sd15_args(
-        lane, sd15, out, "--dtype", "fp16", "--steps", 8, "--num-class-images", 4, "--class-steps", 2))))
+    model = train.train(train_args.resolve(train_args.parse(sd15_args(
+        lane, sd15, out, "--dtype", "fp16", "--steps", 8, "--num-class-images", 4, "--class-steps", 2), train.Settings())))
     assert len(list((out / "class_images" / "dog").glob("*.png"))) == 4  # one batch of 4 at 512 px, in fp16
     log = read_log(out)
     report(record_property, sd15_fp16_loss_scales=[l["loss_scale"] for l in log],

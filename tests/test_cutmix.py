@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import ddim
 import sd
 import svdiff
 import tiny
 import train
+from support import fast_layer, images, shift_files, train_args
 import unet as unet_lib
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_unmix_loss_is_zero_when_attention_is_separated_and_positive_otherwise()
 def test_unmix_gradient_reaches_the_spectral_shifts(tmp_path, bpe_vocab):
     tiny.write_folder(tmp_path / "m", "sd1", bpe_vocab)
     model = sd.load(tmp_path / "m")
-    svdiff.add_spectral_shifts(model, progress=False)
+    fast_layer.add_spectral_shifts(model, progress=False)
     prompt = "a photo of a sks dog on the left and a zwx sculpture on the right"
     subjects = [[(svdiff.token_positions(model.tokenizer, prompt, "sks"), "left"),
                  (svdiff.token_positions(model.tokenizer, prompt, "zwx"), "right")]]
@@ -124,7 +124,7 @@ def test_unmix_gradient_reaches_the_spectral_shifts(tmp_path, bpe_vocab):
     loss = svdiff.unmix_loss(model.unet.cross_attention_probs(), subjects, 8, 8)
     assert loss > 0
     loss.backward()
-    layers = dict(svdiff.shifts(model))
+    layers = dict(shift_files.shifts_by_key(model))
     attn2_k = [m for k, m in layers.items() if "attn2.to_k" in k]
     text = [m for k, m in layers.items() if k.startswith("cond_stage_model") and m.kind != "norm"]
     assert attn2_k and all(m.delta.grad.abs().sum() > 0 for m in attn2_k)
@@ -149,7 +149,7 @@ def fixed_unmix_loss(root, shift_file=None):
     model = load_with_shifts(root / "model", shift_file)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        z = {n: model.vae.encode(torch.stack(data.load_image_folder(root / n, 64)[0]))[0] * model.vae.cfg.scaling_factor
+        z = {n: model.vae.encode(torch.stack(images.load_image_folder(root / n, 64)[0]))[0] * model.vae.cfg.scaling_factor
              for n in ("dog", "sculpture")}
         total = 0.0
         for left, right in (("dog", "sculpture"), ("sculpture", "dog")):
@@ -182,8 +182,8 @@ def test_short_two_subject_run_lowers_the_unmix_loss_and_logs_it(two_subjects):
 
 
 def two_subject_args():
-    return train.parse_args(["--images", "photos/dog", "--token", "sks", "--images", "photos/sculpture",
-                             "--token", "zwx", "--class-word", "dog", "--class-word", "sculpture"])
+    return train_args.parse(["--images", "photos/dog", "--token", "sks", "--images", "photos/sculpture",
+                             "--token", "zwx", "--class-word", "dog", "--class-word", "sculpture"], train.Settings())
 
 
 def test_collage_prompts_name_each_subject_with_its_place_in_both_orders():
@@ -199,7 +199,7 @@ def test_collage_prompts_name_each_subject_with_its_place_in_both_orders():
 def test_sample_grids_show_a_composition_of_two_subjects():
     a = two_subject_args()
     assert train.sample_prompt(a, "a photo of sks dog") == "a sks dog sitting beside a zwx sculpture"
-    one = train.parse_args(["--images", "photos/dog", "--token", "sks"])
+    one = train_args.parse(["--images", "photos/dog", "--token", "sks"], train.Settings())
     assert train.sample_prompt(one, "a photo of sks dog") == "a photo of sks dog"
 
 

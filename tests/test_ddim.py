@@ -87,11 +87,11 @@ def test_inversion_loop_equals_diffusers():
     ref = x.clone()
     for t in s.timesteps:
         ref = s.step(toy_denoiser(ref, int(t)), t, ref).prev_sample
-    assert (ddim.invert(toy_denoiser, x, 25, A, progress=False, model_at="target") - ref).abs().max() <= 1e-6
+    assert (svdiff.ddim_invert(toy_denoiser, x, 25, A, progress=False, model_at="target") - ref).abs().max() <= 1e-6
     ref = x.clone()  # the same scheduler steps, the model evaluated at each step's source level
     for t in s.timesteps:
         ref = s.step(toy_denoiser(ref, max(int(t) - 40, 0)), t, ref).prev_sample
-    assert (ddim.invert(toy_denoiser, x, 25, A, progress=False) - ref).abs().max() <= 1e-6
+    assert (svdiff.ddim_invert(toy_denoiser, x, 25, A, progress=False) - ref).abs().max() <= 1e-6
 
 
 def test_training_targets_equal_diffusers():

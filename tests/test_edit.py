@@ -16,6 +16,7 @@ import sd
 import shifts
 import svdiff
 import tiny
+from support import edit_args, shift_files
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 A = ddim.alphas_cumprod()
@@ -170,7 +171,7 @@ def test_edit_fine_tunes_then_writes_shifts_one_image_per_edit_and_seed_and_a_co
     assert config["prior_weight"] == 0 and config["subset"] == "all" and config["no_captions"]
     assert config["instance_prompt"].format() == "a photo of a {cat}" and config["steps"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    tensors, _ = shifts.read_shift_file(out / "shifts.safetensors")
+    tensors, _ = shift_files.read_shift_file(out / "shifts.safetensors")
     assert any(k.startswith("cond_stage_model.") for k in tensors) and any(t.abs().max() > 0 for t in tensors.values())
     edit_config = json.loads((out / "edit_config.json").read_text())
     assert edit_config["inversion_steps"] == 2 and edit_config["seed"] == [0, 3]
@@ -250,7 +251,7 @@ def test_each_edit_is_inverted_on_its_own_prompt_with_the_inversion_flags(setup,
     ("--seed", ["0"], ["-1"]),
 ])
 def test_each_flags_bounds_are_accepted_and_one_past_them_refused(setup, tmp_path, flag, good, bad):
-    resolve = lambda value: edit.resolve(edit.parse_args(list(map(str, common(setup, tmp_path / "out")))
+    resolve = lambda value: edit.resolve(edit_args.parse(list(map(str, common(setup, tmp_path / "out")))
                                                          + [f"{flag}={value}"]))
     for value in good:
         resolve(value)

@@ -24,6 +24,7 @@ import svdiff
 import tiny
 import unet as unet_lib
 from conftest import random_deltas_, require_bpe_vocab
+from support import exports, fast_layer, shift_files
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -36,11 +37,11 @@ def shifted(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(family)
     oracle = tiny.write_single_file(tmp / "base.safetensors", family)
     model = sd.load(tmp / "base.safetensors", vocab=require_bpe_vocab())
-    svdiff.add_spectral_shifts(model, progress=False)
+    fast_layer.add_spectral_shifts(model, progress=False)
     random_deltas_(model, 0)
-    shifts.save_shift_file(model, tmp / "shifts.safetensors")
+    shift_files.save_shift_file(model, tmp / "shifts.safetensors")
     with torch.no_grad():
-        for _, m in svdiff.shifts(model):
+        for _, m in shift_files.shifts_by_key(model):
             if m.kind in ("norm", "embedding"):
                 m.delta.zero_()
     return family, tmp, oracle, model
@@ -116,7 +117,7 @@ def a1111_version(meta):
 def truncated(model, k):
     """Our rank-k truncation: each layer's ΔW = Σ (ReLU(σᵢ+δᵢ) - σᵢ) uᵢvᵢᵀ cut to its k largest terms (δᵢ = 0 drops
     term i)."""
-    saved = {m: m.delta.detach().clone() for _, m in svdiff.shifts(model)}
+    saved = {m: m.delta.detach().clone() for _, m in shift_files.shifts_by_key(model)}
     with torch.no_grad():
         for m in saved:
             if m.kind not in ("norm", "embedding"):
@@ -134,7 +135,7 @@ def test_lora_loaded_by_diffusers_gives_our_rank_k_outputs(shifted, rank):
     family, tmp, oracle, model = shifted
     k = rank or 10 ** 6
     path = tmp / f"lora{k}.safetensors"
-    shifts.export_lora(model, path, rank=k, dtype=torch.float32)
+    exports.export_lora(model, path, rank=k, dtype=torch.float32)
     lora = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         assert a1111_version(f.metadata()) == family  # its Lora tab shows the file with models of this family
@@ -171,7 +172,7 @@ def test_sdxl_lora_names_are_kohyas(shifted):
     add_embedding: sgm names are what it reads.)"""
     _, tmp, _, model = shifted
     path = tmp / "names.safetensors"
-    shifts.export_lora(model, path, rank=2, dtype=torch.float32)
+    exports.export_lora(model, path, rank=2, dtype=torch.float32)
     names = {k.split(".")[0] for k in load_file(str(path))}
     file_keys = set(load_file(str(tmp / "base.safetensors")))
     unet_names = {"lora_unet_" + k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
@@ -236,7 +237,7 @@ def test_merged_checkpoint_from_single_file_gives_sample_py_images(shifted, tmp_
     base, out = load_file(str(tmp / "base.safetensors")), load_file(str(merged))
     assert set(out) == set(base) and all(out[k].dtype == base[k].dtype for k in base)
     changed = {k for k in base if not torch.equal(out[k], base[k])}
-    assert changed == set(shifts.read_shift_file(tmp / "shifts.safetensors")[0])
+    assert changed == set(shift_files.read_shift_file(tmp / "shifts.safetensors")[0])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = str(config_folder(tmp_path / "config", oracle, family))
     pipe = from_single_file(merged, config, family)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import sd
 import svdiff
 import tiny
+from support import fast_layer, fingerprint, loading, svd_cache
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -35,7 +36,7 @@ def layouts(request, tmp_path_factory):
 
 def test_one_fingerprint_for_every_load_precision_and_both_layouts(layouts, bpe_vocab):
     root, _ = layouts
-    prints = {(where, dtype): svdiff.fingerprint(sd.load(root / where, dtype=dtype, vocab=bpe_vocab))
+    prints = {(where, dtype): fingerprint.fingerprint(sd.load(root / where, dtype=dtype, vocab=bpe_vocab))
               for where in ("model.safetensors", "folder", "folder16") for dtype in DTYPES}
     assert len(set(prints.values())) == 1, prints
 
@@ -46,12 +47,12 @@ def test_one_changed_weight_is_another_model(layouts, bpe_vocab, tmp_path, where
     root, family = layouts
     ckpt = load_file(str(root / "model.safetensors"))
     if where == "unet":
-        keys = [next(k for k, v in sorted(ckpt.items()) if k.startswith(sd.UNET_PREFIX) and v.ndim == 2)]
+        keys = [next(k for k, v in sorted(ckpt.items()) if k.startswith(loading.UNET_PREFIX) and v.ndim == 2)]
     else:
         keys = [next(k for k, v in sorted(ckpt.items()) if k.startswith(prefix) and v.ndim == 2)
-                for prefix, _ in sd.TEXT_ENCODERS[family].values()]
+                for prefix, _ in loading.TEXT_ENCODERS[family].values()]
         keys += [k for k in ckpt if k.endswith(".text_projection") and family == "sdxl"]
-    base = {dtype: svdiff.fingerprint(sd.load(root / "model.safetensors", dtype=dtype, vocab=bpe_vocab))
+    base = {dtype: fingerprint.fingerprint(sd.load(root / "model.safetensors", dtype=dtype, vocab=bpe_vocab))
             for dtype in DTYPES}
     for key in keys:
         other = dict(ckpt)
@@ -62,17 +63,17 @@ def test_one_changed_weight_is_another_model(layouts, bpe_vocab, tmp_path, where
             other[key][0, 0] += 0.01
         save_file(other, str(tmp_path / "other.safetensors"))
         for dtype in DTYPES:
-            assert svdiff.fingerprint(sd.load(tmp_path / "other.safetensors", dtype=dtype, vocab=bpe_vocab)) != \
+            assert fingerprint.fingerprint(sd.load(tmp_path / "other.safetensors", dtype=dtype, vocab=bpe_vocab)) != \
                 base[dtype], key
 
 
 def test_svd_cache_made_from_an_fp32_load_serves_a_bf16_load(layouts, bpe_vocab, tmp_path):
     root, _ = layouts
     cache = tmp_path / "svd.safetensors"
-    svdiff.add_spectral_shifts(sd.load(root / "model.safetensors", vocab=bpe_vocab), subset="cross-attn",
+    fast_layer.add_spectral_shifts(sd.load(root / "model.safetensors", vocab=bpe_vocab), subset="cross-attn",
                                cache=cache, progress=False)
     half = sd.load(root / "folder", dtype=torch.bfloat16)
-    assert len(svdiff.load_svd_cache(cache, half)) > 0
+    assert len(svd_cache.load_svd_cache(cache, half)) > 0
 
 
 def test_fingerprint_of_a_model_built_in_memory_is_taken_before_weights_are_dropped(layouts, bpe_vocab):
@@ -80,10 +81,10 @@ def test_fingerprint_of_a_model_built_in_memory_is_taken_before_weights_are_drop
     loaded = sd.load(root / "model.safetensors", vocab=bpe_vocab)
     built = sd.StableDiffusion(loaded.unet, None, loaded.text_encoder, None, loaded.family, "epsilon",
                                text_encoder_2=loaded.text_encoder_2)
-    assert svdiff.fingerprint(built) == svdiff.fingerprint(loaded)  # digested from the weights in memory
-    svdiff.add_spectral_shifts(built, progress=False)
-    svdiff.drop_weights(built)
-    assert svdiff.fingerprint(built) == svdiff.fingerprint(loaded)
+    assert fingerprint.fingerprint(built) == fingerprint.fingerprint(loaded)  # digested from the weights in memory
+    fast_layer.add_spectral_shifts(built, progress=False)
+    fast_layer.drop_weights(built)
+    assert fingerprint.fingerprint(built) == fingerprint.fingerprint(loaded)
 
 
 def test_fingerprint_of_a_model_shifted_before_its_first_use_is_that_of_its_base_weights(layouts, bpe_vocab):
@@ -94,10 +95,10 @@ def test_fingerprint_of_a_model_shifted_before_its_first_use_is_that_of_its_base
     loaded = sd.load(root / "model.safetensors", vocab=bpe_vocab)
     built = sd.StableDiffusion(loaded.unet, None, loaded.text_encoder, None, loaded.family, "epsilon",
                                text_encoder_2=loaded.text_encoder_2)
-    svdiff.add_spectral_shifts(built, progress=False)
+    fast_layer.add_spectral_shifts(built, progress=False)
     random_deltas_(built, 0)
-    assert svdiff.drop_weights(built) > 0
-    assert svdiff.fingerprint(built) == svdiff.fingerprint(loaded)
+    assert fast_layer.drop_weights(built) > 0
+    assert fingerprint.fingerprint(built) == fingerprint.fingerprint(loaded)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_half_shift_file_trained_in_fp32_applies_in_bf16_and_fp16(trained):
 
 def test_shift_file_on_another_base_model_is_refused_naming_force_which_applies_it(trained, tmp_path):
     ckpt = load_file(str(trained / "model.safetensors"))
-    key = next(k for k in sorted(ckpt) if k.startswith(sd.UNET_PREFIX) and ckpt[k].ndim == 4)
+    key = next(k for k in sorted(ckpt) if k.startswith(loading.UNET_PREFIX) and ckpt[k].ndim == 4)
     ckpt[key] = ckpt[key] * 1.01
     other = tmp_path / "other"
     other.mkdir()
@@ -177,10 +178,10 @@ def test_svd_cache_made_from_a_bf16_load_is_recomputed_for_an_fp32_load(layouts,
     them (and keeps its own), a load as coarse or coarser uses them."""
     root, _ = layouts
     cache = tmp_path / "svd.safetensors"
-    svdiff.add_spectral_shifts(sd.load(root / "folder", dtype=torch.bfloat16), subset="cross-attn", cache=cache,
+    fast_layer.add_spectral_shifts(sd.load(root / "folder", dtype=torch.bfloat16), subset="cross-attn", cache=cache,
                                progress=False)
-    assert svdiff.load_svd_cache(cache, sd.load(root / "folder", dtype=torch.bfloat16))
+    assert svd_cache.load_svd_cache(cache, sd.load(root / "folder", dtype=torch.bfloat16))
     fp32 = sd.load(root / "folder")
-    assert svdiff.load_svd_cache(cache, fp32) == {} and "made from torch.bfloat16" in capsys.readouterr().err
-    svdiff.add_spectral_shifts(fp32, subset="cross-attn", cache=cache, progress=False)
-    assert svdiff.load_svd_cache(cache, sd.load(root / "folder", dtype=torch.float16))  # now fp32 factors
+    assert svd_cache.load_svd_cache(cache, fp32) == {} and "made from torch.bfloat16" in capsys.readouterr().err
+    fast_layer.add_spectral_shifts(fp32, subset="cross-attn", cache=cache, progress=False)
+    assert svd_cache.load_svd_cache(cache, sd.load(root / "folder", dtype=torch.float16))  # now fp32 factors

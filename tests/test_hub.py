@@ -21,6 +21,7 @@ import hub as hub_ids
 import sd
 from conftest import ROOT, photo, require_bpe_vocab
 from fakehub import FakeHub
+from support import loading, train_args
 
 MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -103,7 +104,7 @@ def hub(tmp_path_factory):
     write_sdxl_repo(root / "tiny-sdxl")
     write_refiner_like(root / "refiner")
     hub = FakeHub()
-    for repo_id, folder in (("org/tiny-sd1", "tiny-sd1"), (sd.DEFAULT_MODEL, "tiny-sd1"), ("org/tiny-sd2", "tiny-sd2"),
+    for repo_id, folder in (("org/tiny-sd1", "tiny-sd1"), (loading.DEFAULT_MODEL, "tiny-sd1"), ("org/tiny-sd2", "tiny-sd2"),
                             ("org/tiny-sdxl", "tiny-sdxl"), ("org/refiner", "refiner"), ("org/gated", "tiny-sd1"),
                             ("org/gated-403", "tiny-sd1")):
         hub.add(repo_id, root / folder)
@@ -206,7 +207,7 @@ def test_an_sdxl_repo_fetches_both_text_encoders_and_tokenizers_only_then_loads_
 
 
 RESOLVE = ("import sys; sys.path.insert(0, {root!r}); import train; "
-           "a = train.resolve(train.parse_args(['--images', 'dog', '--token', 'sks', '--model', sys.argv[1]])); "
+           "a = train_args.resolve(train_args.parse(['--images', 'dog', '--token', 'sks', '--model', sys.argv[1]], train.Settings())); "
            "print(a.resolution, a.grad_checkpointing)")
 
 
@@ -294,24 +295,24 @@ def test_train_then_sample_and_edit_run_as_written_on_the_default_model(hub, tmp
         Image.fromarray(photo(rng, (64, 64, 3), (slice(20, 44), slice(20, 44)), (200, 60, 40))).save(
             tmp_path / "dog" / f"{i}.png")
     env = hub_env(hub.url, tmp_path / "hf")
-    commit = hub.commit(sd.DEFAULT_MODEL)
+    commit = hub.commit(loading.DEFAULT_MODEL)
     hub.log.clear()
     r = run("train.py", "--images", "./dog", "--token", "sks", "--steps", "2", "--resolution", "64", "--no-prior",
             "--sample-every", "0", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"model: {sd.DEFAULT_MODEL} (default; --model to choose another)" in r.stdout.splitlines()
-    assert hub.requested(sd.DEFAULT_MODEL) == FP32
+    assert f"model: {loading.DEFAULT_MODEL} (default; --model to choose another)" in r.stdout.splitlines()
+    assert hub.requested(loading.DEFAULT_MODEL) == FP32
     shift_file = Path("runs") / "sks" / "shifts.safetensors"
     with safe_open(str(tmp_path / shift_file), "pt") as f:
-        assert f.metadata()["base_model"] == f"{sd.DEFAULT_MODEL}@{commit}"
+        assert f.metadata()["base_model"] == f"{loading.DEFAULT_MODEL}@{commit}"
     r = run("shifts.py", "info", shift_file, env=env, cwd=tmp_path)
-    assert f"base_model: {sd.DEFAULT_MODEL}@{commit}" in r.stdout
+    assert f"base_model: {loading.DEFAULT_MODEL}@{commit}" in r.stdout
 
     hub.log.clear()
     r = run("sample.py", "--prompt", "a photo of sks dog in the snow", "--shifts", shift_file, "--steps", "2",
             "--height", "64", "--width", "64", "--num-images", "1", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"model: {sd.DEFAULT_MODEL}@{commit} (the base model of {shift_file}; --model to choose another)" in \
+    assert f"model: {loading.DEFAULT_MODEL}@{commit} (the base model of {shift_file}; --model to choose another)" in \
         r.stdout.splitlines()
     assert hub.log == []  # the same base, from the cache (and the fingerprint check passed)
     assert (tmp_path / "out" / "000" / "grid.png").is_file()  # no --out: a new folder under out/
@@ -319,7 +320,7 @@ def test_train_then_sample_and_edit_run_as_written_on_the_default_model(hub, tmp
     r = run("edit.py", "--image", "dog/0.png", "--prompt", "a photo of a dog", "--edit", "a photo of a cat",
             "--shifts", shift_file, "--resolution", "64", "--sample-steps", "2", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"model: {sd.DEFAULT_MODEL}@{commit} (the base model of {shift_file}; --model to choose another)" in \
+    assert f"model: {loading.DEFAULT_MODEL}@{commit} (the base model of {shift_file}; --model to choose another)" in \
         r.stdout.splitlines()
     assert (tmp_path / "edits" / "0" / "comparison.png").is_file()
     assert hub.log == []

@@ -16,6 +16,7 @@ from PIL import Image
 import shifts
 import train
 from conftest import ROOT, photo, tiny_model_folder
+from support import run_folder, shift_files, train_args
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_resume_refuses_a_flag_that_would_change_what_is_trained_naming_both_val
                                                                                    recorded):
     given = [flag] + ([] if value is None else [str(setup / value if flag == "--images" else value)])
     with pytest.raises(ValueError) as e:
-        train.resolve(train.parse_args(["--resume", str(whole), "--steps", "8", *given]))
+        train_args.resolve(train_args.parse(["--resume", str(whole), "--steps", "8", *given], train.Settings()))
     assert str(e.value).startswith(f"{flag} ") and recorded in str(e.value) and "differs from the run's" in str(e.value)
 
 
@@ -97,15 +98,15 @@ def test_a_refused_resume_is_one_line_and_changes_nothing(whole):
 
 
 def test_resume_accepts_the_flags_that_may_change_and_refuses_a_finished_run_without_more_steps(setup, whole):
-    a = train.resolve(train.parse_args(list(map(str, ["--resume", whole, "--steps", 9, "--save-every", 3,
+    a = train_args.resolve(train_args.parse(list(map(str, ["--resume", whole, "--steps", 9, "--save-every", 3,
                                                       "--sample-every", 5, "--sample-prompt", "a sks dog",
-                                                      "--device", "cpu", "--resolution", 64]))))
+                                                      "--device", "cpu", "--resolution", 64])), train.Settings()))
     assert (a.steps, a.save_every, a.sample_every, a.sample_prompt, a.resolution, a.lr) == (9, 3, 5, "a sks dog", 64,
                                                                                             5e-3)
     with pytest.raises(ValueError, match="already reached step 6 of --steps 6; pass a larger --steps"):
-        train.resolve(train.parse_args(["--resume", str(whole)]))
+        train_args.resolve(train_args.parse(["--resume", str(whole)], train.Settings()))
     with pytest.raises(ValueError, match="not a train.py run folder"):
-        train.resolve(train.parse_args(["--resume", str(setup / "dog")]))
+        train_args.resolve(train_args.parse(["--resume", str(setup / "dog")], train.Settings()))
 
 
 def test_ctrl_c_saves_the_last_step_and_its_printed_command_continues_bit_exact(setup, tmp_path):
@@ -121,7 +122,7 @@ def test_ctrl_c_saves_the_last_step_and_its_printed_command_continues_bit_exact(
     _, stderr = p.communicate(timeout=300)
     assert p.returncode == 130, stderr[-2000:]
     step, _ = final_state(out)
-    assert 3 <= step < steps and shifts.read_shift_file(out / "shifts.safetensors")[1]["step"] == str(step)
+    assert 3 <= step < steps and shift_files.read_shift_file(out / "shifts.safetensors")[1]["step"] == str(step)
     assert len(log.read_text().splitlines()) == step
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"stopped at step {step} of {steps}, saved in {out}; continue with: python train.py "), last

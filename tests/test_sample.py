@@ -14,6 +14,7 @@ import sd
 import shifts
 import svdiff
 import tiny
+from support import fast_layer, files, fingerprint, loading, shift_files
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -129,12 +130,12 @@ def shifted(tmp_path_factory):
     from conftest import tiny_model_folder
     root = tiny_model_folder(tmp_path_factory, "sample")
     model = sd.load(root / "model")
-    svdiff.add_spectral_shifts(model, subset="cross-attn-kv", progress=False)
+    fast_layer.add_spectral_shifts(model, subset="cross-attn-kv", progress=False)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for _, m in svdiff.shifts(model):
+        for _, m in shift_files.shifts_by_key(model):
             m.delta.copy_(torch.randn(m.delta.shape, generator=g) * m.sigma.mean())
-    shifts.save_shift_file(model, root / "shifts.safetensors", subset="cross-attn-kv")
+    shift_files.save_shift_file(model, root / "shifts.safetensors", subset="cross-attn-kv")
     return root
 
 
@@ -227,10 +228,10 @@ def test_shift_files_through_sample_equal_diffusers_on_weights_shifted_in_float6
     import sd
     import svdiff
     base = sd.load(model_path, vocab=bpe_vocab)
-    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": family, "subset": "all", "rank": "",
-            "fingerprint": svdiff.fingerprint(base)}
-    keys = [sd.checkpoint_key(c, n + ".weight", family) for c, n, _ in svdiff.shiftable_modules(base)]
-    assert {sd.split_checkpoint_key(k, family)[0] for k in keys} == \
+    meta = {"format": shift_files.FORMAT, "version": shift_files.VERSION, "family": family, "subset": "all", "rank": "",
+            "fingerprint": fingerprint.fingerprint(base)}
+    keys = [shift_files.key_of(base, n) for n, _ in svdiff.shiftable_modules(base)]
+    assert {loading.split_checkpoint_key(k, family)[0] for k in keys} == \
         {"unet", "text_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set())
     g = torch.Generator().manual_seed(5)
     files, scales = [], [0.7, -0.4]

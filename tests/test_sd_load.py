@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 import sd
 import tiny
 from conftest import load_peak_rss
+from support import cli, loading
 
 
 def max_diffs(model, oracle):
@@ -106,8 +107,8 @@ def test_checkpoint_key_round_trip(tmp_path, bpe_vocab):
     model = sd.load(path, vocab=bpe_vocab)
     for comp in ("unet", "vae", "text_encoder"):
         for k in getattr(model, comp).state_dict():
-            assert sd.split_checkpoint_key(sd.checkpoint_key(comp, k, "sd2"), "sd2") == (comp, k)
-    assert sd.checkpoint_key("text_encoder", "transformer.resblocks.0.attn.in_proj.weight", "sd2") == \
+            assert loading.split_checkpoint_key(loading.checkpoint_key(comp, k, "sd2"), "sd2") == (comp, k)
+    assert loading.checkpoint_key("text_encoder", "transformer.resblocks.0.attn.in_proj.weight", "sd2") == \
         "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
 
 
@@ -227,7 +228,7 @@ def test_full_sd15_unet_from_fp16_file_matches_diffusers_with_bounded_memory(tmp
         shapes = {k: v.shape for k, v in unet_lib.UNet(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     # 1-D ".weight" tensors are norm scales (around 1); everything else small random numbers
-    ckpt = {sd.UNET_PREFIX + k: (torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 0.1)
+    ckpt = {loading.UNET_PREFIX + k: (torch.randn(s, generator=g) * (0.02 if len(s) > 1 else 0.1)
                                  + float(len(s) == 1 and k.endswith(".weight"))).half()
             for k, s in shapes.items()}
     path = tmp_path / "unet.safetensors"
@@ -262,17 +263,17 @@ def test_choose_model_takes_model_then_the_shift_files_base_model_then_svdiff_mo
     save_file({"x": torch.zeros(1)}, str(shift_file), metadata={"base_model": "owner/recorded@abc"})
     (tmp_path / "damaged.safetensors").write_bytes(b"not a shift file")  # judged later, by the shifts' reader
     monkeypatch.setenv("SVDIFF_MODEL", "/models/env.safetensors")
-    assert sd.choose_model("/models/given.safetensors", shift_file) == "/models/given.safetensors"
-    assert sd.choose_model(None, shift_file) == "owner/recorded@abc"
+    assert loading.choose_model("/models/given.safetensors", shift_file) == "/models/given.safetensors"
+    assert loading.choose_model(None, shift_file) == "owner/recorded@abc"
     for no_record in (None, tmp_path / "missing.safetensors", tmp_path / "damaged.safetensors"):
-        assert sd.choose_model(None, no_record) == "/models/env.safetensors"
+        assert loading.choose_model(None, no_record) == "/models/env.safetensors"
     monkeypatch.delenv("SVDIFF_MODEL")
-    assert sd.choose_model(None, None) == sd.DEFAULT_MODEL
+    assert loading.choose_model(None, None) == loading.DEFAULT_MODEL
 
 
 def test_help_gives_each_default_once_and_none_for_defaults_that_depend(capsys):
     import argparse
-    p = argparse.ArgumentParser(formatter_class=sd.HelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
     p.add_argument("--steps", type=int, default=500, help="training steps")
     p.add_argument("--out", default=None, help="output folder")
     p.add_argument("--size", type=int, default=512, help="image side (default: 1024 for SDXL, else 512)")
@@ -283,16 +284,16 @@ def test_help_gives_each_default_once_and_none_for_defaults_that_depend(capsys):
 
 def test_check_device_and_check_writable_refuse_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    sd.check_device("cpu")
+    cli.check_device("cpu")
     with pytest.raises(ValueError, match="no CUDA device is available; use --device cpu"):
-        sd.check_device("cuda:0")
+        cli.check_device("cuda:0")
     with pytest.raises(ValueError, match="'gpu' is not a device"):
-        sd.check_device("gpu")
+        cli.check_device("gpu")
     (tmp_path / "file").write_text("")
     (tmp_path / "file").chmod(0o755)  # writable and executable: os.access alone would let file/sub through
-    sd.check_writable(tmp_path / "new" / "deeper", "--out")
+    cli.check_writable(tmp_path / "new" / "deeper", "--out")
     assert not (tmp_path / "new").exists()  # checked, nothing created
     with pytest.raises(ValueError, match="--out .* is a file, not a folder"):
-        sd.check_writable(tmp_path / "file", "--out")
+        cli.check_writable(tmp_path / "file", "--out")
     with pytest.raises(ValueError, match="--out .* is not writable"):
-        sd.check_writable(tmp_path / "file" / "sub", "--out")
+        cli.check_writable(tmp_path / "file" / "sub", "--out")

@@ -17,6 +17,7 @@ import tiny
 import unet as unet_lib
 import vae as vae_lib
 from conftest import load_peak_rss
+from support import loading
 
 SIZES = dict(original_size=[(768, 1024), (1024, 512)], crop_top_left=[(32, 0), (0, 48)], target_size=(1024, 1024))
 
@@ -51,7 +52,7 @@ def component(ckpt: dict, name: str) -> dict:
 
 def load(module: torch.nn.Module, state: dict) -> torch.nn.Module:
     expected = module.state_dict()
-    module.load_state_dict({k: sd.fit_shape(v, expected[k].shape) for k, v in state.items()}, strict=True)
+    module.load_state_dict({k: loading.fit_shape(v, expected[k].shape) for k, v in state.items()}, strict=True)
     return module.eval()
 
 
@@ -415,13 +416,13 @@ def test_full_size_single_file_streams_in_fp16_with_bounded_memory(tmp_path):
                        text_encoder=clip_text.build_text_encoder(clip_text.config_from_diffusers(VIT_L, sdxl=True)),
                        text_encoder_2=clip_text.build_text_encoder(clip_text.config_from_diffusers(BIGG, sdxl=True)))
     g = torch.Generator().manual_seed(0)
-    ckpt = {sd.checkpoint_key(component, k, "sdxl"): (torch.randn(v.shape, generator=g) * 0.02).half()
+    ckpt = {loading.checkpoint_key(component, k, "sdxl"): (torch.randn(v.shape, generator=g) * 0.02).half()
             for component, module in modules.items() for k, v in module.state_dict().items()}
     path = tmp_path / "sdxl.safetensors"
     save_file(ckpt, str(path))
     del ckpt
     size = path.stat().st_size
-    peak = load_peak_rss(path, sd.COMPONENTS, "float16")
+    peak = load_peak_rss(path, loading.COMPONENTS, "float16")
     print(f"SDXL single file: load peak RSS {peak / 1e9:.2f} GB = {peak / size:.2f}x the {size / 1e9:.2f} GB file")
     assert peak < 1.5 * size, f"load peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB file"
 
@@ -464,11 +465,11 @@ def test_checkpoint_keys_are_the_single_files_names(single_file, bpe_vocab):
     model = sd.load(path, vocab=bpe_vocab)
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         for k in getattr(model, component).state_dict():
-            key = sd.checkpoint_key(component, k, "sdxl")
-            assert key in file_keys and sd.split_checkpoint_key(key, "sdxl") == (component, k)
-    assert sd.checkpoint_key("text_encoder_2", "transformer.resblocks.0.attn.in_proj.weight", "sdxl") == \
+            key = loading.checkpoint_key(component, k, "sdxl")
+            assert key in file_keys and loading.split_checkpoint_key(key, "sdxl") == (component, k)
+    assert loading.checkpoint_key("text_encoder_2", "transformer.resblocks.0.attn.in_proj.weight", "sdxl") == \
         "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"  # fused q/k/v: one matrix
-    assert sd.checkpoint_key("text_encoder", "text_model.encoder.layers.0.mlp.fc1.weight", "sdxl") == \
+    assert loading.checkpoint_key("text_encoder", "text_model.encoder.layers.0.mlp.fc1.weight", "sdxl") == \
         "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
 
 

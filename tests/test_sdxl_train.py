@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import ddim
 import edit
 import sd
@@ -20,6 +19,7 @@ import shifts
 import svdiff
 import tiny
 import train
+from support import edit_args, fingerprint, images, loading, shift_files, train_args
 import vae as vae_lib
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def args(xl, out, *extra):
 
 
 def resolved(*argv):
-    return train.resolve(train.parse_args(list(map(str, argv))))
+    return train_args.resolve(train_args.parse(list(map(str, argv)), train.Settings()))
 
 
 def run(script, *argv):
@@ -74,7 +74,7 @@ def expected_crop(h, w, resolution=R):
 
 
 def test_load_image_gives_each_images_original_size_and_crop_corners(xl, tmp_path):
-    images, _, crops = data.load_image_folder(xl / "dog", R)
+    images, _, crops = images.load_image_folder(xl / "dog", R)
     assert [tuple(c) for c in crops] == [expected_crop(h, w) for h, w in SIZES]
     # the corners are where the pixels come from: the unresized image, and its mirror image for a flipped draw
     original = torch.from_numpy(np.array(Image.open(xl / "dog" / "0.png"))).permute(2, 0, 1).float() / 127.5 - 1
@@ -86,13 +86,13 @@ def test_load_image_gives_each_images_original_size_and_crop_corners(xl, tmp_pat
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.open(xl / "dog" / "0.png").save(tmp_path / "turned.jpg", exif=exif)
-    _, crop, _ = data.load_image(tmp_path / "turned.jpg", R)
+    _, crop, _ = images.load_image(tmp_path / "turned.jpg", R)
     assert tuple(crop) == expected_crop(101, 64)
     # sizes where torchvision's truncation and rounding differ from round() and floor: a longer side of 96.67 ->
     # 96 (margin 32 -> 16), margins 31 -> 16 and 33 -> 16 (half to even), an upscaled 45 x 71 -> 64 x 100
     for h, w in [(96, 145), (128, 190), (64, 97), (45, 71), (145, 96)]:
         Image.new("RGB", (w, h), (90, 120, 30)).save(tmp_path / "size.png")
-        assert tuple(data.load_image(tmp_path / "size.png", R)[1]) == expected_crop(h, w)
+        assert tuple(images.load_image(tmp_path / "size.png", R)[1]) == expected_crop(h, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_each_rows_time_ids_are_its_own_images_original_size_and_crop_flipped_or
     # both text encoders train with the UNet (and the model comes back in eval mode)
     assert [calls[i + 1][2] for i, (kind, *_) in enumerate(calls) if kind == "z"] == [(True, True, True)] * 5
     assert modes(model) == (False, False, False)
-    images, _, _ = data.load_image_folder(xl / "dog", R)
+    images, _, _ = images.load_image_folder(xl / "dog", R)
     with torch.no_grad():
         means = torch.stack([torch.cat([model.vae.encode(x[None])[0], model.vae.encode(x[None].flip(-1))[0]])
                              for x in images]) * model.vae.cfg.scaling_factor  # [image, flipped, 4, 8, 8]
@@ -149,7 +149,7 @@ def test_each_rows_time_ids_are_its_own_images_original_size_and_crop_flipped_or
 
 
 def test_sdxl_defaults_are_1024_px_and_gradient_checkpointing(xl, tmp_path_factory):
-    """Known before anything is loaded (sd.peek_family: the single file's header, a folder's layout); a flag
+    """Known before anything is loaded (loading.peek_family: the single file's header, a folder's layout); a flag
     given wins; SD 1.x keeps 512 px and no checkpointing. edit.py resolves the same."""
     from conftest import require_bpe_vocab, tiny_model_folder
     out = tmp_path_factory.mktemp("defaults") / "out"
@@ -157,15 +157,15 @@ def test_sdxl_defaults_are_1024_px_and_gradient_checkpointing(xl, tmp_path_facto
     folder = tmp_path_factory.mktemp("xl_folder") / "model"
     tiny.write_sdxl_folder(folder, require_bpe_vocab())
     for model in (xl / "model.safetensors", folder):
-        assert sd.peek_family(model) == "sdxl"
+        assert loading.peek_family(model) == "sdxl"
         a = resolved(*base, "--model", model)
         assert (a.resolution, a.grad_checkpointing) == (1024, True)
     a = resolved(*base, "--model", folder, "--resolution", 512, "--no-grad-checkpointing")
     assert (a.resolution, a.grad_checkpointing) == (512, False)
     sd1 = tiny_model_folder(tmp_path_factory, "sd1") / "model"
     a = resolved(*base, "--model", sd1)
-    assert sd.peek_family(sd1) == "sd1" and (a.resolution, a.grad_checkpointing) == (512, False)
-    e = edit.parse_args(list(map(str, ["--image", xl / "dog" / "0.png", "--prompt", "a dog", "--edit", "a cat",
+    assert loading.peek_family(sd1) == "sd1" and (a.resolution, a.grad_checkpointing) == (512, False)
+    e = edit_args.parse(list(map(str, ["--image", xl / "dog" / "0.png", "--prompt", "a dog", "--edit", "a cat",
                                        "--model", xl / "model.safetensors", "--out", out])))
     t = edit.resolve(e)
     assert (e.resolution, e.grad_checkpointing, t.resolution, t.grad_checkpointing) == (1024, True, 1024, True)
@@ -177,7 +177,7 @@ def fixed_loss(xl, shift_file=None):
     the trained shifts."""
     from conftest import load_with_shifts
     model = load_with_shifts(xl / "model.safetensors", shift_file)
-    images, _, crops = data.load_image_folder(xl / "dog", R)
+    images, _, crops = images.load_image_folder(xl / "dog", R)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images))[0].repeat(3, 1, 1, 1) * model.vae.cfg.scaling_factor
@@ -209,18 +209,18 @@ def test_short_sdxl_run_lowers_the_loss_and_records_the_resolved_flags(xl, train
 
 def test_sdxl_shift_file_holds_both_text_encoders_and_applies_through_sample_py(xl, trained, tmp_path):
     from conftest import load_with_shifts
-    tensors, meta = shifts.read_shift_file(trained / "shifts.safetensors")
+    tensors, meta = shift_files.read_shift_file(trained / "shifts.safetensors")
     model = sd.load(xl / "model.safetensors")
-    expected = {sd.checkpoint_key(c, n + ".weight", "sdxl"): svdiff.shift_length(m)
-                for c, n, m in svdiff.shiftable_modules(model, "all")}
+    expected = {shift_files.key_of(model, n): svdiff.shift_length(m)
+                for n, m in svdiff.shiftable_modules(model, "all")}
     assert {k: v.shape[0] for k, v in tensors.items()} == expected
     for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
         assert any(k.startswith(prefix) and t.abs().max() > 0 for k, t in tensors.items()), prefix
-    assert meta["fingerprint"] == svdiff.fingerprint(model)
+    assert meta["fingerprint"] == fingerprint.fingerprint(model)
     # round trip: the file's δ are the run's own (resume.pt keeps them in fp32)
     state = torch.load(trained / "resume.pt", weights_only=True)["delta"]
     shifted = load_with_shifts(xl / "model.safetensors", trained / "shifts.safetensors")
-    assert all(torch.equal(m.delta.detach(), state[k]) for k, m in svdiff.shifts(shifted))
+    assert all(torch.equal(m.delta.detach(), state[k]) for k, m in shift_files.shifts_by_key(shifted))
     # sample.py (its base model from the file's metadata) gives the images of the shifted model
     common = ["--prompt", "a photo of sks dog", "--steps", 2, "--height", R, "--width", R, "--num-images", 1,
               "--seed", 3, "--svd-cache", xl / "svd.safetensors"]
@@ -312,7 +312,7 @@ def test_edit_on_sdxl_fine_tunes_inverts_and_samples_with_the_images_sizes(xl, t
         assert tuple(s["target_size"]) == (R, R)
     assert Image.open(out / edit.output_name(0, "a photo of a dog in a hat", 0)).size == (R, R)
     assert (out / "comparison.png").is_file()
-    tensors, _ = shifts.read_shift_file(out / "shifts.safetensors")
+    tensors, _ = shift_files.read_shift_file(out / "shifts.safetensors")
     assert any(k.startswith("conditioner.embedders.1.") for k in tensors)
     config = json.loads((out / "edit_config.json").read_text())
     assert (config["resolution"], config["grad_checkpointing"]) == (R, True)

@@ -14,6 +14,7 @@ import shifts
 import svdiff
 import tiny
 from conftest import random_deltas_
+from support import apply_shifts, exports, fast_layer, shift_files
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -24,16 +25,16 @@ def trained(tmp_path, bpe_vocab):
     path = tmp_path / "base.safetensors"
     tiny.write_single_file(path, "sd2")
     model = sd.load(path, vocab=bpe_vocab)
-    svdiff.add_spectral_shifts(model, progress=False)
+    fast_layer.add_spectral_shifts(model, progress=False)
     random_deltas_(model, 0)
-    shifts.save_shift_file(model, tmp_path / "shifts.safetensors")
+    shift_files.save_shift_file(model, tmp_path / "shifts.safetensors")
     return model, path, tmp_path / "shifts.safetensors"
 
 
 def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
     model, _, _ = trained
     k = 3
-    total = shifts.export_lora(model, tmp_path / "lora.safetensors", rank=k, dtype=torch.float32)
+    total = exports.export_lora(model, tmp_path / "lora.safetensors", rank=k, dtype=torch.float32)
     lora = load_file(str(tmp_path / "lora.safetensors"))
     checked, lost, norm = 0, 0.0, 0.0
     for component in ("unet", "text_encoder"):
@@ -44,7 +45,7 @@ def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
             dW = layer.delta_weight().detach().double().flatten(1)
             U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
             best = (U[:, :k] * S[:k]) @ Vh[:k]
-            names = shifts.lora_names(model, component, name)
+            names = exports.lora_names(model, component, name)
             ups = [lora[n + ".lora_up.weight"].double().flatten(1) for n in names]
             down = lora[names[0] + ".lora_down.weight"].double().flatten(1)
             assert all(float(lora[n + ".alpha"]) == k for n in names)
@@ -61,12 +62,12 @@ def test_lora_export_is_the_exact_rank_k_truncation(trained, tmp_path):
 
 def test_export_lora_prints_the_total_and_worst_layer_and_each_layer_only_when_asked(trained, tmp_path, capsys):
     model, _, _ = trained
-    total = shifts.export_lora(model, tmp_path / "a.safetensors", rank=2)
+    total = exports.export_lora(model, tmp_path / "a.safetensors", rank=2)
     summary = capsys.readouterr().out.splitlines()
-    shifts.export_lora(model, tmp_path / "b.safetensors", rank=2, per_layer=True)
+    exports.export_lora(model, tmp_path / "b.safetensors", rank=2, per_layer=True)
     *table, last = capsys.readouterr().out.splitlines()
     errors = {line.split(": relative error ")[0]: float(line.split()[-1]) for line in table}
-    assert len(summary) == 1 and len(table) == sum(m.kind in ("linear", "conv") for _, m in svdiff.shifts(model))
+    assert len(summary) == 1 and len(table) == sum(m.kind in ("linear", "conv") for _, m in shift_files.shifts_by_key(model))
     head, worst = summary[0].removesuffix(" (--per-layer: every layer's)").split(", worst layer ")
     assert head == f"LoRA of {len(table)} layers at rank 2 (written at rank 2): total relative error ‖ΔW − LoRA‖/‖ΔW‖ " \
                    f"{total:.4f}"
@@ -81,7 +82,7 @@ def test_merged_export_loads_as_an_ordinary_model_with_the_shifts_baked_in(train
     ids = torch.randint(0, 49408, (1, 77))
     with torch.no_grad():
         expected_unet, expected_text = model.unet(x, 5, ctx), model.text_encoder(ids)
-    shifts.export_merged(model, base_path, tmp_path / "merged.safetensors")
+    exports.export_merged(model, base_path, tmp_path / "merged.safetensors")
     merged = sd.load(tmp_path / "merged.safetensors", vocab=bpe_vocab)
     with torch.no_grad():
         assert (merged.unet(x, 5, ctx) - expected_unet).abs().max() <= 1e-4
@@ -98,17 +99,17 @@ def test_merged_export_refuses_a_source_that_lacks_a_shifted_weight(trained, tmp
     del source["model.diffusion_model.out.2.weight"]
     save_file(source, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match=r"lacks 1 shifted weight \(e.g."):
-        shifts.export_merged(model, tmp_path / "other.safetensors", tmp_path / "merged.safetensors")
+        exports.export_merged(model, tmp_path / "other.safetensors", tmp_path / "merged.safetensors")
     assert not (tmp_path / "merged.safetensors").exists()
 
 
 def test_applying_a_file_with_a_key_the_model_lacks_names_it(trained, bpe_vocab):
     _, base_path, path = trained
-    tensors, meta = shifts.read_shift_file(path)
+    tensors, meta = shift_files.read_shift_file(path)
     tensors["model.diffusion_model.nope.weight"] = torch.zeros(3)
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match="key model.diffusion_model.nope.weight of the shift files is not a weight"):
-        shifts.apply_shift_files(sd.load(base_path, vocab=bpe_vocab), [str(path)])
+        apply_shifts.apply_shift_files(sd.load(base_path, vocab=bpe_vocab), [str(path)])
 
 
 def cli(*args):
@@ -154,16 +155,16 @@ def test_cli_export_lora_writes_the_scaled_rank_k_truncation_and_counts_what_it_
     out = tmp_path / "lora.safetensors"
     r = cli("export-lora", f"{path}:0.5", "--model", base, "--vocab", bpe_vocab, "--rank", 3, "--out", out)
     assert r.returncode == 0, r.stderr
-    left_out = sum(m.kind in ("norm", "embedding") for _, m in svdiff.shifts(model))
+    left_out = sum(m.kind in ("norm", "embedding") for _, m in shift_files.shifts_by_key(model))
     assert left_out > 0 and f"warning: {left_out} shifted layers (norm γ, embeddings" in r.stderr
-    layers = sum(m.kind in ("linear", "conv") for _, m in svdiff.shifts(model))
+    layers = sum(m.kind in ("linear", "conv") for _, m in shift_files.shifts_by_key(model))
     summary, wrote = r.stdout.splitlines()  # no per-layer table without --per-layer
     assert summary.startswith(f"LoRA of {layers} layers at rank 3 ") and "worst layer" in summary
     assert wrote == f"wrote {out}"
     lora = load_file(str(out))
     assert all(t.dtype == torch.float16 for t in lora.values())
     with torch.no_grad():
-        for _, m in svdiff.shifts(model):
+        for _, m in shift_files.shifts_by_key(model):
             m.delta.mul_(0.5)
     checked = set()
     for component in ("unet", "text_encoder"):
@@ -171,7 +172,7 @@ def test_cli_export_lora_writes_the_scaled_rank_k_truncation_and_counts_what_it_
             if isinstance(layer, svdiff.SpectralShift) and layer.kind in ("linear", "conv"):
                 U, S, Vh = torch.linalg.svd(layer.delta_weight().detach().double().flatten(1), full_matrices=False)
                 best = (U[:, :3] * S[:3]) @ Vh[:3]
-                names = shifts.lora_names(model, component, name)
+                names = exports.lora_names(model, component, name)
                 ours = torch.cat([lora[n + ".lora_up.weight"].double().flatten(1) for n in names]) @ \
                     lora[names[0] + ".lora_down.weight"].double().flatten(1)
                 assert (ours - best).abs().max() <= 5e-3 * best.abs().max(), name
@@ -183,9 +184,9 @@ def test_cli_export_merged_keeps_an_fp16_checkpoint_fp16_with_the_shifts_baked_i
     base = tmp_path / "base16.safetensors"
     tiny.write_single_file(base, "sd1", dtype=torch.float16)
     model = sd.load(base, vocab=bpe_vocab)
-    svdiff.add_spectral_shifts(model, progress=False)
+    fast_layer.add_spectral_shifts(model, progress=False)
     random_deltas_(model, 1)
-    shifts.save_shift_file(model, tmp_path / "shifts.safetensors")
+    shift_files.save_shift_file(model, tmp_path / "shifts.safetensors")
     out = tmp_path / "merged.safetensors"
     r = cli("export-merged", tmp_path / "shifts.safetensors", "--model", base, "--vocab", bpe_vocab, "--out", out)
     assert r.returncode == 0, r.stderr
@@ -214,17 +215,17 @@ def test_a_rank_limited_file_applies_and_combines_as_trained(tmp_path, bpe_vocab
     base = tmp_path / "base.safetensors"
     tiny.write_single_file(base, "sd1")
     limited = sd.load(base, vocab=bpe_vocab)
-    svdiff.add_spectral_shifts(limited, rank=2, progress=False)
+    fast_layer.add_spectral_shifts(limited, rank=2, progress=False)
     random_deltas_(limited, 2)
-    shifts.save_shift_file(limited, tmp_path / "rank2.safetensors", rank=2)
-    assert shifts.read_shift_file(tmp_path / "rank2.safetensors")[1]["rank"] == "2"
+    shift_files.save_shift_file(limited, tmp_path / "rank2.safetensors", rank=2)
+    assert shift_files.read_shift_file(tmp_path / "rank2.safetensors")[1]["rank"] == "2"
     full = sd.load(base, vocab=bpe_vocab)
-    svdiff.add_spectral_shifts(full, progress=False)
+    fast_layer.add_spectral_shifts(full, progress=False)
     random_deltas_(full, 3)
-    shifts.save_shift_file(full, tmp_path / "full.safetensors")
+    shift_files.save_shift_file(full, tmp_path / "full.safetensors")
 
     applied = sd.load(base, vocab=bpe_vocab)
-    shifts.apply_shift_files(applied, [str(tmp_path / "rank2.safetensors")])
+    apply_shifts.apply_shift_files(applied, [str(tmp_path / "rank2.safetensors")])
     svdiff.bake(limited)  # W_δ in place of W, wrappers removed, as apply_shift_files leaves a model
     for component in ("unet", "text_encoder"):
         want = dict(getattr(limited, component).named_parameters())
@@ -232,10 +233,10 @@ def test_a_rank_limited_file_applies_and_combines_as_trained(tmp_path, bpe_vocab
         assert got.keys() == want.keys()
         assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
 
-    combined, meta = shifts.combine_files([str(tmp_path / "rank2.safetensors"), str(tmp_path / "full.safetensors")])
+    combined, meta = shift_files.combine_files([str(tmp_path / "rank2.safetensors"), str(tmp_path / "full.safetensors")])
     assert meta["rank"] == ""  # no limit: the full file's
-    for k, m in svdiff.shifts(full):
-        short = shifts.read_shift_file(tmp_path / "rank2.safetensors")[0][k]
+    for k, m in shift_files.shifts_by_key(full):
+        short = shift_files.read_shift_file(tmp_path / "rank2.safetensors")[0][k]
         assert torch.equal(combined[k][:len(short)], short + m.delta.detach()[:len(short)])
         assert torch.equal(combined[k][len(short):], m.delta.detach()[len(short):])
 
@@ -243,18 +244,18 @@ def test_a_rank_limited_file_applies_and_combines_as_trained(tmp_path, bpe_vocab
 def test_a_named_layer_range_is_whole_name_parts():
     """--mix input_blocks.1 is that block, not blocks 10 and 11 (SD1.5 has 12); a range takes its numbers."""
     key = "model.diffusion_model.{}.0.proj_in.weight".format
-    assert shifts.in_layer_range(key("input_blocks.1"), ["input_blocks.1"])
-    assert not shifts.in_layer_range(key("input_blocks.10"), ["input_blocks.1"])
-    assert not shifts.in_layer_range(key("output_blocks.11"), ["output_blocks.1"])
-    assert shifts.in_layer_range(key("input_blocks.10"), ["input_blocks.4-10"])
-    assert not shifts.in_layer_range(key("input_blocks.11"), ["input_blocks.4-10"])
-    assert shifts.in_layer_range("model.diffusion_model.middle_block.1.proj_in.weight", ["middle_block"])
+    assert shift_files.in_layer_range(key("input_blocks.1"), ["input_blocks.1"])
+    assert not shift_files.in_layer_range(key("input_blocks.10"), ["input_blocks.1"])
+    assert not shift_files.in_layer_range(key("output_blocks.11"), ["output_blocks.1"])
+    assert shift_files.in_layer_range(key("input_blocks.10"), ["input_blocks.4-10"])
+    assert not shift_files.in_layer_range(key("input_blocks.11"), ["input_blocks.4-10"])
+    assert shift_files.in_layer_range("model.diffusion_model.middle_block.1.proj_in.weight", ["middle_block"])
 
 
 def shift_file(path, length, fingerprint="0" * 16, rank=""):
     """A shift file of one layer's δ (1, 2, ..., length) with our metadata, written without a model."""
     save_file({"model.diffusion_model.out.2.weight": torch.arange(1.0, length + 1)}, str(path),
-              metadata={"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sd1", "subset": "all",
+              metadata={"format": shift_files.FORMAT, "version": shift_files.VERSION, "family": "sd1", "subset": "all",
                         "rank": rank, "fingerprint": fingerprint})
     return str(path)
 
@@ -268,7 +269,7 @@ def test_info_names_a_full_rank_file_full_rank(tmp_path, capsys):
 
 def test_files_of_two_rank_limits_combine_under_the_larger_one(tmp_path):
     two, four = shift_file(tmp_path / "a.safetensors", 2, rank="2"), shift_file(tmp_path / "b.safetensors", 4, rank="4")
-    combined, meta = shifts.combine_files([two, f"{four}:-1"])
+    combined, meta = shift_files.combine_files([two, f"{four}:-1"])
     assert meta["rank"] == "4" and combined["model.diffusion_model.out.2.weight"].tolist() == [0, 0, -3, -4]
 
 
@@ -276,15 +277,15 @@ def test_combining_files_of_other_base_models_or_mixing_three_is_refused(tmp_pat
     two, four = shift_file(tmp_path / "a.safetensors", 2), shift_file(tmp_path / "b.safetensors", 4)
     other = shift_file(tmp_path / "c.safetensors", 2, fingerprint="1" * 16)
     with pytest.raises(ValueError, match="fingerprint .* differs"):
-        shifts.combine_files([two, other])
+        shift_files.combine_files([two, other])
     with pytest.raises(ValueError, match="exactly two files"):
-        shifts.combine_files([two, four, two], mix=["output_blocks.0-5"])
+        shift_files.combine_files([two, four, two], mix=["output_blocks.0-5"])
 
 
 def unet_file(path, blocks):
     """A shift file of one δ per named UNet layer (e.g. "output_blocks.3.0.in_layers.2"), written without a model."""
     save_file({f"model.diffusion_model.{b}.weight": torch.ones(2) for b in blocks}, str(path),
-              metadata={"format": shifts.FORMAT, "version": shifts.VERSION, "family": "sd1", "fingerprint": "0" * 16})
+              metadata={"format": shift_files.FORMAT, "version": shift_files.VERSION, "family": "sd1", "fingerprint": "0" * 16})
     return path
 
 
@@ -302,18 +303,18 @@ def test_a_mix_range_is_checked_from_the_files_keys_alone():
     keys = [{"model.diffusion_model.middle_block.1.proj_in.weight"},
             {"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight",
              "cond_stage_model.transformer.text_model.final_layer_norm.weight"}]
-    shifts.check_mix(["middle_block", "layers.0-3", "final_layer_norm"], keys)
-    shifts.check_mix(None, keys)
+    shift_files.check_mix(["middle_block", "layers.0-3", "final_layer_norm"], keys)
+    shift_files.check_mix(None, keys)
     with pytest.raises(ValueError, match=r"--mix input_blocks.0-5 matches no weight .* unet: middle_block.1; "
                                          r"text_encoder: layers.3, final_layer_norm$"):
-        shifts.check_mix(["middle_block", "input_blocks.0-5"], keys)
+        shift_files.check_mix(["middle_block", "input_blocks.0-5"], keys)
 
 
 def test_a_spec_is_a_path_and_an_optional_numeric_scale():
     for spec, path, scale in (("a.st", "a.st", 1.0), ("a.st:0.5", "a.st", 0.5), ("a.st:-1", "a.st", -1.0),
                               ("a.st:.25", "a.st", 0.25), ("a.st:1e-3", "a.st", 1e-3), ("C:/b/a.st", "C:/b/a.st", 1.0),
                               ("run:1/a.st:2", "run:1/a.st", 2.0)):
-        assert shifts.parse_spec(spec) == (Path(path), scale), spec
+        assert shift_files.parse_spec(spec) == (Path(path), scale), spec
 
 
 def test_written_files_get_the_users_usual_mode(trained, tmp_path, bpe_vocab):
@@ -322,11 +323,11 @@ def test_written_files_get_the_users_usual_mode(trained, tmp_path, bpe_vocab):
     model, base, path = trained
     old = os.umask(0o002)
     try:
-        shifts.save_shift_file(model, tmp_path / "again.safetensors")
-        shifts.export_lora(model, tmp_path / "lora.safetensors", rank=2)
+        shift_files.save_shift_file(model, tmp_path / "again.safetensors")
+        exports.export_lora(model, tmp_path / "lora.safetensors", rank=2)
         cached = sd.load(base, vocab=bpe_vocab)
-        svdiff.add_spectral_shifts(cached, cache=tmp_path / "svd.safetensors", progress=False)
-        shifts.export_merged(model, base, tmp_path / "merged.safetensors")
+        fast_layer.add_spectral_shifts(cached, cache=tmp_path / "svd.safetensors", progress=False)
+        exports.export_merged(model, base, tmp_path / "merged.safetensors")
     finally:
         os.umask(old)
     for name in ("again", "lora", "svd", "merged"):

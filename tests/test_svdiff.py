@@ -11,6 +11,7 @@ import sd
 import shifts
 import svdiff
 import tiny
+from support import fast_layer, fast_svd, fingerprint, loading, shift_files, svd_cache
 import unet as unet_lib
 
 LAYERS = {
@@ -25,7 +26,7 @@ LAYERS = {
 def shifted(make, seed=0):
     torch.manual_seed(seed)
     base = make().requires_grad_(False)
-    return base, svdiff.SpectralShift(base)
+    return base, fast_layer.FastSpectralShift(base)
 
 
 def rel(a, b):
@@ -88,7 +89,7 @@ def test_relu_clamps_singular_values_pushed_below_zero():
 def test_norm_scale_gets_a_full_length_additive_shift(norm):
     with torch.no_grad():
         norm.weight.normal_()  # not the default γ = 1, on which γ·(1 + δ) equals γ + δ
-    layer = svdiff.SpectralShift(norm.requires_grad_(False))
+    layer = fast_layer.FastSpectralShift(norm.requires_grad_(False))
     assert layer.delta.shape == (8,)
     x = torch.randn(2, 8, 3, 3) if isinstance(norm, nn.GroupNorm) else torch.randn(2, 5, 8)
     assert torch.allclose(layer(x), norm(x), atol=1e-6)
@@ -103,7 +104,7 @@ def test_norm_scale_gets_a_full_length_additive_shift(norm):
 
 def test_embedding_shift_equals_the_shifted_table():
     base = nn.Embedding(50, 12).requires_grad_(False)
-    layer = svdiff.SpectralShift(base)
+    layer = fast_layer.FastSpectralShift(base)
     with torch.no_grad():
         layer.delta.copy_(torch.randn(12))
     ids = torch.randint(0, 50, (2, 7))
@@ -112,7 +113,7 @@ def test_embedding_shift_equals_the_shifted_table():
 
 def test_rank_limit_shifts_only_the_largest_singular_values():
     base, _ = shifted(lambda: nn.Linear(24, 16))
-    layer = svdiff.SpectralShift(base, rank=4)
+    layer = fast_layer.FastSpectralShift(base, rank=4)
     assert layer.delta.shape == (4,)
     with torch.no_grad():
         layer.delta.copy_(torch.randn(4))
@@ -123,7 +124,7 @@ def test_rank_limit_shifts_only_the_largest_singular_values():
     assert rel(layer(x), y_dense) <= 1e-5
     layer.mode = "naive"  # (the rest of W is not in the k factors: naive keeps it)
     assert rel(layer(x), y_dense) <= 1e-5
-    full = svdiff.SpectralShift(base)
+    full = fast_layer.FastSpectralShift(base)
     with torch.no_grad():
         full.delta.zero_()
         full.delta[:4] = layer.delta
@@ -152,9 +153,9 @@ def test_rank_limited_layers_keep_the_weight_they_read(tmp_path, bpe_vocab):
     """With --rank k a layer computes W x plus the shift of its k largest σ: it reads W at any token count, so
     drop_weights frees none of it."""
     model = tiny_model(tmp_path, bpe_vocab)
-    svdiff.add_spectral_shifts(model, rank=2, progress=False)
-    assert svdiff.drop_weights(model) == 0
-    assert not any(m.dropped for _, m in svdiff.shifts(model))
+    fast_layer.add_spectral_shifts(model, rank=2, progress=False)
+    assert fast_layer.drop_weights(model) == 0
+    assert not any(m.dropped for _, m in shift_files.shifts_by_key(model))
 
 
 def tiny_model(tmp_path, bpe_vocab, family="sd1"):
@@ -169,7 +170,7 @@ def other_tiny_model(tmp_path, bpe_vocab, family="sd1"):
     from safetensors.torch import load_file, save_file
     tiny_model(tmp_path, bpe_vocab, family)
     ckpt = load_file(str(tmp_path / f"{family}.safetensors"))
-    key = next(k for k in sorted(ckpt) if k.startswith(sd.UNET_PREFIX) and ckpt[k].ndim > 1)
+    key = next(k for k in sorted(ckpt) if k.startswith(loading.UNET_PREFIX) and ckpt[k].ndim > 1)
     ckpt[key] = ckpt[key] * 3
     save_file(ckpt, str(tmp_path / f"other-{family}.safetensors"))
     return sd.load(tmp_path / f"other-{family}.safetensors", vocab=bpe_vocab)
@@ -178,8 +179,8 @@ def other_tiny_model(tmp_path, bpe_vocab, family="sd1"):
 def test_merge_and_unmerge_are_bit_exact(tmp_path, bpe_vocab):
     model = tiny_model(tmp_path, bpe_vocab)
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
-    svdiff.add_spectral_shifts(model, progress=False)
-    for _, m in svdiff.shifts(model):
+    fast_layer.add_spectral_shifts(model, progress=False)
+    for _, m in shift_files.shifts_by_key(model):
         with torch.no_grad():
             m.delta.normal_(0, 0.1)
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny.TEXT_WIDTH)
@@ -197,26 +198,26 @@ def test_merge_and_unmerge_are_bit_exact(tmp_path, bpe_vocab):
 def test_dropping_unread_weights_keeps_training_fingerprint_and_merge(tmp_path, bpe_vocab):
     model, kept = tiny_model(tmp_path, bpe_vocab), tiny_model(tmp_path, bpe_vocab)
     for m in (model, kept):
-        svdiff.add_spectral_shifts(m, progress=False)
-    base_print = svdiff.fingerprint(model)
-    for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(kept)):
+        fast_layer.add_spectral_shifts(m, progress=False)
+    base_print = fingerprint.fingerprint(model)
+    for (_, a), (_, b) in zip(shift_files.shifts_by_key(model), shift_files.shifts_by_key(kept)):
         with torch.no_grad():
             a.delta.copy_(torch.randn(a.delta.shape) * 0.1)
             b.delta.copy_(a.delta)
-    assert svdiff.drop_weights(model) > 0
-    dropped = [m for _, m in svdiff.shifts(model) if m.dropped]
+    assert fast_layer.drop_weights(model) > 0
+    dropped = [m for _, m in shift_files.shifts_by_key(model) if m.dropped]
     assert any(m.kind == "conv" for m in dropped) and all(m.factored_always() for m in dropped)
-    assert svdiff.fingerprint(model) == base_print
+    assert fingerprint.fingerprint(model) == base_print
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, tiny.TEXT_WIDTH)
     outputs = []
     for m in (model, kept):  # the training path reads no dropped W: same values, same gradients
         loss = m.unet(x, 10, ctx).square().mean()
         loss.backward()
-        grads = [s.delta.grad for k, s in svdiff.shifts(m) if k.startswith(sd.UNET_PREFIX)]
+        grads = [s.delta.grad for k, s in shift_files.shifts_by_key(m) if k.startswith(loading.UNET_PREFIX)]
         outputs.append((loss.detach(), torch.cat(grads)))
     assert rel(outputs[0][0], outputs[1][0]) <= 1e-6 and rel(outputs[0][1], outputs[1][1]) <= 1e-5
-    shifts.save_shift_file(model, tmp_path / "s.safetensors")  # same fingerprint: applies to the kept model
-    shifts.load_shift_file(kept, tmp_path / "s.safetensors")
+    shift_files.save_shift_file(model, tmp_path / "s.safetensors")  # same fingerprint: applies to the kept model
+    shift_files.load_shift_file(kept, tmp_path / "s.safetensors")
     with pytest.raises(ValueError, match="merge first"):
         svdiff.remove_spectral_shifts(model)
     with torch.no_grad():
@@ -228,60 +229,60 @@ def test_dropping_unread_weights_keeps_training_fingerprint_and_merge(tmp_path, 
 
 def test_shift_file_round_trip_keys_and_errors(tmp_path, bpe_vocab):
     model = tiny_model(tmp_path, bpe_vocab, "sd2")
-    svdiff.add_spectral_shifts(model, progress=False)
-    for _, m in svdiff.shifts(model):
+    fast_layer.add_spectral_shifts(model, progress=False)
+    for _, m in shift_files.shifts_by_key(model):
         with torch.no_grad():
             m.delta.normal_()
     path = tmp_path / "shifts.safetensors"
-    shifts.save_shift_file(model, path)
-    tensors, meta = shifts.read_shift_file(path)
-    assert meta["family"] == "sd2" and meta["format"] == shifts.FORMAT
+    shift_files.save_shift_file(model, path)
+    tensors, meta = shift_files.read_shift_file(path)
+    assert meta["family"] == "sd2" and meta["format"] == shift_files.FORMAT
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
     assert "cond_stage_model.model.positional_embedding" in tensors
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in tensors
     assert tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (tiny.TEXT_WIDTH,)
     other = tiny_model(tmp_path, bpe_vocab, "sd2")
-    svdiff.add_spectral_shifts(other, progress=False)
-    shifts.load_shift_file(other, path)
-    assert all(torch.equal(a.delta, b.delta) for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(other)))
+    fast_layer.add_spectral_shifts(other, progress=False)
+    shift_files.load_shift_file(other, path)
+    assert all(torch.equal(a.delta, b.delta) for (_, a), (_, b) in zip(shift_files.shifts_by_key(model), shift_files.shifts_by_key(other)))
 
     scaled = tiny_model(tmp_path, bpe_vocab, "sd2")
-    svdiff.add_spectral_shifts(scaled, progress=False)
-    shifts.load_shift_file(scaled, path, scale=-0.5)
+    fast_layer.add_spectral_shifts(scaled, progress=False)
+    shift_files.load_shift_file(scaled, path, scale=-0.5)
     assert all(torch.equal(b.delta, -0.5 * a.delta)
-               for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(scaled)))
+               for (_, a), (_, b) in zip(shift_files.shifts_by_key(model), shift_files.shifts_by_key(scaled)))
 
     other = other_tiny_model(tmp_path, bpe_vocab, "sd2")  # another base model: refused unless forced
-    svdiff.add_spectral_shifts(other, progress=False)
+    fast_layer.add_spectral_shifts(other, progress=False)
     with pytest.raises(ValueError, match="different base model"):
-        shifts.load_shift_file(other, path)
-    shifts.load_shift_file(other, path, force=True)
+        shift_files.load_shift_file(other, path)
+    shift_files.load_shift_file(other, path, force=True)
     sd1 = tiny_model(tmp_path, bpe_vocab, "sd1")  # another family: refused even when forced
-    svdiff.add_spectral_shifts(sd1, subset="unet", progress=False)
+    fast_layer.add_spectral_shifts(sd1, subset="unet", progress=False)
     with pytest.raises(ValueError, match="shifts for an sd2 model, but the base model is sd1"):
-        shifts.load_shift_file(sd1, path, force=True)
+        shift_files.load_shift_file(sd1, path, force=True)
 
     from safetensors.torch import save_file
     bad = dict(tensors)
     bad["model.diffusion_model.nope.weight"] = torch.zeros(3)
     save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="model.diffusion_model.nope.weight"):
-        shifts.load_shift_file(model, tmp_path / "bad.safetensors")
+        shift_files.load_shift_file(model, tmp_path / "bad.safetensors")
     bad = dict(tensors)
     k = "model.diffusion_model.out.2.weight"
     bad[k] = torch.zeros(bad[k].shape[0] + 1)
     save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="out.2.weight"):
-        shifts.load_shift_file(model, tmp_path / "bad.safetensors")
+        shift_files.load_shift_file(model, tmp_path / "bad.safetensors")
 
 
 def test_param_groups_use_the_authors_learning_rates(tmp_path, bpe_vocab):
     model = tiny_model(tmp_path, bpe_vocab)
-    svdiff.add_spectral_shifts(model, progress=False)
+    fast_layer.add_spectral_shifts(model, progress=False)
     groups = {g["name"]: g for g in svdiff.param_groups(model)}
     assert groups["matrix"]["lr"] == 1e-3 and groups["1d"]["lr"] == 1e-6
     assert all(p.ndim == 1 for g in groups.values() for p in g["params"])
-    n_norm = sum(isinstance(m.base, (nn.GroupNorm, nn.LayerNorm)) for _, m in svdiff.shifts(model))
+    n_norm = sum(isinstance(m.base, (nn.GroupNorm, nn.LayerNorm)) for _, m in shift_files.shifts_by_key(model))
     assert len(groups["1d"]["params"]) == n_norm > 0
     trainable = [n for n, p in model.unet.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith("delta") for n in trainable)
@@ -294,7 +295,7 @@ def test_sd15_counts_are_the_papers():
                                    clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
 
     def count(subset):
-        return sum(svdiff.shift_length(m) for _, _, m in svdiff.shiftable_modules(model, subset))
+        return sum(svdiff.shift_length(m) for _, m in svdiff.shiftable_modules(model, subset))
     assert (count("all"), count("unet"), count("text")) == (398_197, 322_856, 75_341)
     assert (count("1d"), count("2d"), count("4d")) == (100_160, 140_416, 82_280)
     assert (count("cross-attn"), count("cross-attn-kv")) == (43_776, 18_816)
@@ -307,16 +308,17 @@ def test_the_keys_of_a_shift_file_select_exactly_its_layers():
                                    clip_text.build_text_encoder(clip_text.TextConfig()), None, "sd1", "epsilon")
     keys = {"model.diffusion_model.middle_block.1.proj_in.weight",
             "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"}
-    chosen = svdiff.shiftable_modules(model, keys=keys)
-    assert {sd.checkpoint_key(c, n + ".weight", "sd1") for c, n, _ in chosen} == keys and len(chosen) == 2
+    names = shift_files.names_by_key(model)
+    chosen = svdiff.shiftable_modules(model, names={names[k] for k in keys})
+    assert {shift_files.key_of(model, n) for n, _ in chosen} == keys and len(chosen) == 2
 
 
 def write_all_shifts(model, folder):
     """A shift file of every δ of `all` (zeros, the original key names) in fp32 and in fp16: their sizes."""
     from safetensors.torch import save_file
-    tensors = {sd.checkpoint_key(c, n + ".weight", model.family): torch.zeros(svdiff.shift_length(m))
-               for c, n, m in svdiff.shiftable_modules(model)}
-    meta = {"format": shifts.FORMAT, "version": shifts.VERSION, "family": model.family, "subset": "all", "rank": "",
+    tensors = {shift_files.key_of(model, n): torch.zeros(svdiff.shift_length(m))
+               for n, m in svdiff.shiftable_modules(model)}
+    meta = {"format": shift_files.FORMAT, "version": shift_files.VERSION, "family": model.family, "subset": "all", "rank": "",
             "fingerprint": "0" * 16}
     save_file(tensors, str(folder / "s.safetensors"), metadata=meta)
     save_file({k: v.half() for k, v in tensors.items()}, str(folder / "h.safetensors"), metadata=meta)
@@ -354,8 +356,8 @@ def test_sdxl_counts_are_those_of_its_architecture():
     model = sdxl_on_meta()
 
     def count(subset, component=None):
-        return sum(svdiff.shift_length(m) for c, _, m in svdiff.shiftable_modules(model, subset)
-                   if component in (None, c))
+        return sum(svdiff.shift_length(m) for n, m in svdiff.shiftable_modules(model, subset)
+                   if component in (None, n.partition(".")[0]))
 
     def theirs(root, skip=lambda name: False):
         return sum(svdiff.shift_length(m) for n, m in root.named_modules()
@@ -378,7 +380,7 @@ def test_sdxl_all_shift_file_size_and_info(tmp_path, capsys):
     model = sdxl_on_meta()
     size, half_size = write_all_shifts(model, tmp_path)
     assert any(k.startswith("conditioner.embedders.1.model.") and k.endswith("in_proj_weight")
-               for k in shifts.read_shift_file(tmp_path / "s.safetensors")[0])
+               for k in shift_files.read_shift_file(tmp_path / "s.safetensors")[0])
     assert size <= 6.0 * 2 ** 20, size
     assert half_size < 0.55 * size
     shifts.main(["info", str(tmp_path / "s.safetensors")])
@@ -437,7 +439,7 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior():
                                torch.randn(30, 30) @ torch.diag(torch.logspace(0, -12, 30)),  # ill-conditioned
                                torch.zeros(5, 7)])
 def test_svd_is_exact_and_orthonormal_on_every_route(W):
-    U, S, V = svdiff.svd(W)
+    U, S, V = fast_svd.svd(W)
     assert ((U * S) @ V.T - W.double()).norm() <= 1e-6 * max(W.norm().item(), 1e-30)
     eye = torch.eye(V.shape[1], dtype=V.dtype)
     assert (V.T @ V - eye).abs().max() <= 1e-6 and (U.T @ U - eye).abs().max() <= 1e-6
@@ -447,27 +449,27 @@ def test_svd_is_exact_and_orthonormal_on_every_route(W):
 def test_svd_cache_is_reused_for_the_same_base_and_ignored_for_another(tmp_path, bpe_vocab, capsys):
     cache = tmp_path / "svd.safetensors"
     model = tiny_model(tmp_path, bpe_vocab)
-    svdiff.add_spectral_shifts(model, subset="cross-attn", cache=cache, progress=False)
+    fast_layer.add_spectral_shifts(model, subset="cross-attn", cache=cache, progress=False)
     assert cache.is_file()
     again = tiny_model(tmp_path, bpe_vocab)
-    assert svdiff.load_svd_cache(cache, again)  # same base weights: the factors are reused
-    svdiff.add_spectral_shifts(again, subset="cross-attn", cache=cache, progress=False)
-    for (_, a), (_, b) in zip(svdiff.shifts(model), svdiff.shifts(again)):
+    assert svd_cache.load_svd_cache(cache, again)  # same base weights: the factors are reused
+    fast_layer.add_spectral_shifts(again, subset="cross-attn", cache=cache, progress=False)
+    for (_, a), (_, b) in zip(shift_files.shifts_by_key(model), shift_files.shifts_by_key(again)):
         assert torch.equal(a.U, b.U) and torch.equal(a.sigma, b.sigma) and torch.equal(a.Vh, b.Vh)
-    assert svdiff.load_svd_cache(cache, other_tiny_model(tmp_path, bpe_vocab)) == {}
+    assert svd_cache.load_svd_cache(cache, other_tiny_model(tmp_path, bpe_vocab)) == {}
     assert "other base weights" in capsys.readouterr().err
     from safetensors.torch import load_file, save_file
-    meta = shifts.read_shift_file(cache)[1]
+    meta = shift_files.read_shift_file(cache)[1]
     save_file(load_file(str(cache)), str(cache), metadata=dict(meta, layout="U,S,V"))  # an older layout
-    assert svdiff.load_svd_cache(cache, again) == {} and "older layout" in capsys.readouterr().err
+    assert svd_cache.load_svd_cache(cache, again) == {} and "older layout" in capsys.readouterr().err
 
 
 def test_shift_file_without_fingerprint_warns_and_applies(tmp_path, bpe_vocab):
     from safetensors.torch import save_file
     model = tiny_model(tmp_path, bpe_vocab)
-    svdiff.add_spectral_shifts(model, subset="cross-attn-kv", progress=False)
-    foreign = {k: torch.full_like(m.delta, 0.01) for k, m in svdiff.shifts(model)}
+    fast_layer.add_spectral_shifts(model, subset="cross-attn-kv", progress=False)
+    foreign = {k: torch.full_like(m.delta, 0.01) for k, m in shift_files.shifts_by_key(model)}
     save_file(foreign, str(tmp_path / "foreign.safetensors"))
     with pytest.warns(UserWarning, match="no base-model fingerprint"):
-        shifts.load_shift_file(model, tmp_path / "foreign.safetensors")
-    assert all(torch.all(m.delta == 0.01) for _, m in svdiff.shifts(model))
+        shift_files.load_shift_file(model, tmp_path / "foreign.safetensors")
+    assert all(torch.all(m.delta == 0.01) for _, m in shift_files.shifts_by_key(model))

@@ -15,6 +15,7 @@ import shifts
 import svdiff
 import tiny
 from conftest import require_bpe_vocab
+from support import apply_shifts, fast_layer, shift_files, svdiff_pytorch
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 SHIFTED = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)  # its SVDLinear, SVDConv2d, ...
@@ -86,7 +87,7 @@ def test_their_file_through_shifts_equals_their_forward(files):
     family, base, oracle, path = files
     model = sd.load(base, vocab=require_bpe_vocab())
     with pytest.warns(UserWarning, match="fingerprint"):
-        shifts.apply_shift_files(model, [f"{path}:0.7"])
+        apply_shifts.apply_shift_files(model, [f"{path}:0.7"])
     ref = their_model(oracle, path, scale=0.7)
     ours, theirs = outputs(model.unet, model.text_encoder, False), outputs(ref["unet"], ref["text_encoder"], True)
     errors = rel(ours[0], theirs[0]), rel(ours[1], theirs[1])
@@ -101,13 +102,13 @@ def test_converted_file_gives_their_outputs_where_conversion_is_exact(files, tmp
                         "--vocab", str(require_bpe_vocab()), "--out", str(tmp_path / "ours.safetensors")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    tensors, meta = shifts.read_shift_file(tmp_path / "ours.safetensors")
-    assert meta["format"] == shifts.FORMAT and meta["family"] == family and meta["fingerprint"]
+    tensors, meta = shift_files.read_shift_file(tmp_path / "ours.safetensors")
+    assert meta["format"] == shift_files.FORMAT and meta["family"] == family and meta["fingerprint"]
     assert all(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in tensors)
     model = sd.load(base, vocab=require_bpe_vocab())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # our own file now: its fingerprint is this model's
-        shifts.apply_shift_files(model, [str(tmp_path / "ours.safetensors")])
+        apply_shifts.apply_shift_files(model, [str(tmp_path / "ours.safetensors")])
     if family == "sd1":
         assert "warning" not in r.stderr
         ref = their_model(oracle, path)
@@ -127,19 +128,19 @@ def test_sd2_text_qkv_shifted_by_both_kinds_of_file_is_refused(files, tmp_path):
     either."""
     _, base, _, path = files
     model = sd.load(base, vocab=require_bpe_vocab())
-    svdiff.add_spectral_shifts(model, keys={"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"},
+    fast_layer.add_spectral_shifts(model, keys={"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"},
                                progress=False)
-    shifts.save_shift_file(model, tmp_path / "ours.safetensors")
+    shift_files.save_shift_file(model, tmp_path / "ours.safetensors")
     with pytest.raises(ValueError, match="in_proj_weight: shifted by an svdiff shift file and, as q/k/v"):
-        shifts.apply_shift_files(sd.load(base, vocab=require_bpe_vocab()),
+        apply_shifts.apply_shift_files(sd.load(base, vocab=require_bpe_vocab()),
                                  [str(tmp_path / "ours.safetensors"), str(path)])
 
 
 def test_norm_delta_is_one_number_on_the_1xC_matrix(tmp_path):
     """A norm's δ is the shift of γ's one singular value ‖γ‖: γ' = ReLU(‖γ‖ + s·δ)·γ/‖γ‖, below zero γ' = 0."""
     gamma = torch.tensor([3.0, -4.0])  # ‖γ‖ = 5
-    assert torch.allclose(shifts.svdiff_pytorch_weight(gamma, torch.tensor([1.0])), gamma * 6 / 5)
-    assert torch.equal(shifts.svdiff_pytorch_weight(gamma, torch.tensor([-7.0])), torch.zeros(2))
+    assert torch.allclose(svdiff_pytorch.svdiff_pytorch_weight(gamma, torch.tensor([1.0])), gamma * 6 / 5)
+    assert torch.equal(svdiff_pytorch.svdiff_pytorch_weight(gamma, torch.tensor([-7.0])), torch.zeros(2))
 
 
 def run(script, *args):

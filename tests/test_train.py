@@ -15,10 +15,10 @@ from PIL import Image
 import ddim
 import sd
 import shifts
-import data
 import svdiff
 import tiny
 import train
+from support import fingerprint, images, loading, shift_files, train_args
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def instance_loss(setup, shift_file=None, model=None):
     timesteps, with or without the trained shifts."""
     from conftest import load_with_shifts
     model = load_with_shifts(model or setup / "model", shift_file)
-    images, _, _ = data.load_image_folder(setup / "dog", 64)
+    images, _, _ = images.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor
@@ -69,12 +69,12 @@ def test_training_lowers_the_instance_loss_and_writes_the_promised_files(setup):
     before, after = instance_loss(setup), instance_loss(setup, out / "shifts.safetensors")
     assert after < 0.9 * before, (before, after)
 
-    tensors, meta = shifts.read_shift_file(out / "shifts.safetensors")
+    tensors, meta = shift_files.read_shift_file(out / "shifts.safetensors")
     model = sd.load(setup / "model")
-    expected = {sd.checkpoint_key(c, n + ".weight", "sd1"): svdiff.shift_length(m)
-                for c, n, m in svdiff.shiftable_modules(model, "all")}
+    expected = {shift_files.key_of(model, n): svdiff.shift_length(m)
+                for n, m in svdiff.shiftable_modules(model, "all")}
     assert {k: v.shape[0] for k, v in tensors.items()} == expected
-    assert meta["fingerprint"] == svdiff.fingerprint(model)
+    assert meta["fingerprint"] == fingerprint.fingerprint(model)
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in log] == list(range(1, 31))
     assert set(log[0]) >= {"step", "loss", "prior_loss", "lr", "seconds"}
@@ -148,7 +148,7 @@ def test_resumed_run_ends_bit_exact_as_the_uninterrupted_run_from_the_fp32_delta
     a, b = resume_delta(whole), resume_delta(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(part) == losses(whole) and [s for s, _, _ in losses(part)] == list(range(1, 7))
-    (fa, ma), (fb, mb) = (shifts.read_shift_file(o / "shifts.safetensors") for o in (whole, part))
+    (fa, ma), (fb, mb) = (shift_files.read_shift_file(o / "shifts.safetensors") for o in (whole, part))
     assert ma == mb and all(torch.equal(fa[k], fb[k]) for k in fa)
     assert any(not torch.equal(d.half().float(), d) for d in a.values())  # the fp16 file would have differed
 
@@ -157,7 +157,7 @@ def test_resume_refuses_a_shift_file_of_another_step(setup):
     from safetensors.torch import save_file
     out = setup / "mismatched"
     assert run(*common(setup, out, 4, "--save-every", 2)).returncode == 0
-    tensors, meta = shifts.read_shift_file(out / "shifts.safetensors")
+    tensors, meta = shift_files.read_shift_file(out / "shifts.safetensors")
     save_file(tensors, str(out / "shifts.safetensors"), metadata=dict(meta, step="2"))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     r = run(*common(setup, out, 6, "--resume"))
@@ -192,14 +192,14 @@ def test_a_diverging_run_keeps_the_last_shift_file_whose_delta_and_loss_were_fin
     if not (clean / "resume.pt").is_file():
         assert run(*common(setup, clean, 2, "--save-every", 1)).returncode == 0
     out = setup / f"diverged-{value}"
-    a = train.resolve(train.parse_args(list(map(str, common(setup, out, 5, "--save-every", 1, "--overwrite")))))
+    a = train_args.resolve(train_args.parse(list(map(str, common(setup, out, 5, "--save-every", 1, "--overwrite"))), train.Settings()))
     diverge_at(monkeypatch, 3, value)
     with pytest.raises(ValueError, match=words) as e:
         train.train(a)
     assert "step 2" in str(e.value)  # the message names the kept file's step
-    tensors, meta = shifts.read_shift_file(out / "shifts.safetensors")
+    tensors, meta = shift_files.read_shift_file(out / "shifts.safetensors")
     assert meta["step"] == "2" and torch.load(out / "resume.pt", weights_only=True)["step"] == 2
-    reference, _ = shifts.read_shift_file(clean / "shifts.safetensors")
+    reference, _ = shift_files.read_shift_file(clean / "shifts.safetensors")
     assert all(torch.equal(tensors[k], reference[k]) for k in reference)
 
 
@@ -210,9 +210,9 @@ def test_sd2_v_prediction_trains_on_the_v_target_and_lowers_the_v_loss(setup, tm
     folder = tmp_path / "sd2"
     tiny.write_folder(folder, "sd2", require_bpe_vocab(), prediction_type="v_prediction")
     out = tmp_path / "run"
-    a = train.resolve(train.parse_args(list(map(str, [
+    a = train_args.resolve(train_args.parse(list(map(str, [
         "--images", setup / "dog", "--token", "sks", "--model", folder, "--resolution", 64, "--steps", 25,
-        "--lr", "5e-3", "--no-prior", "--sample-every", 0, "--out", out]))))
+        "--lr", "5e-3", "--no-prior", "--sample-every", 0, "--out", out])), train.Settings()))
     seen = []
     real_add_noise, real_loss = ddim.add_noise, svdiff.prior_preservation_loss
     monkeypatch.setattr(ddim, "add_noise", lambda z, noise, t, al: seen.append([z, noise, t]) or real_add_noise(z, noise, t, al))
@@ -328,8 +328,8 @@ def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(setup, tmp_path, m
 def test_each_flags_bounds_are_accepted_and_one_past_them_refused(setup, tmp_path, flag, good, bad):
     """check_args' limits exactly where --help says they are (0 is a valid --cutmix-prob, --prior-weight or
     --sample-every; a resolution of 0 is not the default), before anything is loaded or written."""
-    check = lambda value: train.check_args(train.parse_args(list(map(str, common(setup, tmp_path / "out", 3,
-                                                                                 f"{flag}={value}")))))
+    check = lambda value: train_args.check_args(train_args.parse(list(map(str, common(setup, tmp_path / "out", 3,
+                                                                                 f"{flag}={value}"))), train.Settings()))
     for value in good:
         check(value)
     for value in bad:
@@ -341,10 +341,10 @@ def test_each_flags_bounds_are_accepted_and_one_past_them_refused(setup, tmp_pat
 def test_no_prior_is_lambda_0_and_resume_with_overwrite_is_refused(setup, tmp_path):
     argv = lambda *extra: list(map(str, ["--images", setup / "dog", "--token", "sks", "--model", setup / "model",
                                          "--out", tmp_path / "out", *extra]))
-    assert train.resolve(train.parse_args(argv("--prior-weight", 2, "--no-prior"))).prior_weight == 0
-    assert train.resolve(train.parse_args(argv("--prior-weight", 2))).prior_weight == 2
+    assert train_args.resolve(train_args.parse(argv("--prior-weight", 2, "--no-prior"), train.Settings())).prior_weight == 0
+    assert train_args.resolve(train_args.parse(argv("--prior-weight", 2), train.Settings())).prior_weight == 2
     with pytest.raises(ValueError, match="--resume and --overwrite contradict"):
-        train.resolve(train.parse_args(argv("--resume", "--overwrite")))
+        train_args.resolve(train_args.parse(argv("--resume", "--overwrite"), train.Settings()))
 
 
 def test_the_prior_loss_is_weighted_by_prior_weight(setup, tmp_path):
@@ -352,10 +352,10 @@ def test_the_prior_loss_is_weighted_by_prior_weight(setup, tmp_path):
     batch with δ = 0: the same prior loss, and loss - λ · prior_loss the same instance loss."""
     logged = {}
     for weight in (0.5, 3.0):
-        a = train.resolve(train.parse_args(list(map(str, [
+        a = train_args.resolve(train_args.parse(list(map(str, [
             "--images", setup / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 1,
             "--prior-weight", weight, "--num-class-images", 1, "--class-steps", 1, "--class-dir", tmp_path / "class",
-            "--sample-every", 0, "--out", tmp_path / str(weight)]))))
+            "--sample-every", 0, "--out", tmp_path / str(weight)])), train.Settings()))
         train.train(a)
         line = json.loads((tmp_path / str(weight) / "log.jsonl").read_text().splitlines()[0])
         logged[weight] = line["loss"], line["prior_loss"]
@@ -377,10 +377,10 @@ def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monke
         shutil.copy(setup / "dog" / f"{i}.png", tmp_path / "dog" / f"{i}.png")
         if caption:
             (tmp_path / "dog" / f"{i}.txt").write_text(caption)
-    a = train.resolve(train.parse_args(list(map(str, [
+    a = train_args.resolve(train_args.parse(list(map(str, [
         "--images", tmp_path / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 3,
         "--batch-size", 2, "--no-prior", "--sample-every", 0, "--seed", 1, "--out", tmp_path / "out"]
-        + ["--no-captions"] * no_captions))))
+        + ["--no-captions"] * no_captions)), train.Settings()))
     real_encode, real_prompts, real_noise = vae_lib.VAE.encode, sd.encode_prompts, ddim.add_noise
     monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
                                                                 torch.full_like(real_encode(self, x)[1], -60.0)))
@@ -390,7 +390,7 @@ def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monke
                         real_prompts(model, prompts, **sizes))
     model = train.train(a)
     monkeypatch.undo()
-    images, _, _ = data.load_image_folder(tmp_path / "dog", 64)
+    images, _, _ = images.load_image_folder(tmp_path / "dog", 64)
     with torch.no_grad():
         means = torch.cat([model.vae.encode(x[None])[0] for x in images]) * model.vae.cfg.scaling_factor
     drawn = []
@@ -404,11 +404,11 @@ def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monke
 
 def test_shifts_and_samples_are_written_every_n_steps_and_at_the_end(setup, tmp_path, monkeypatch):
     saved = []
-    real_save = shifts.save_shift_file
+    real_save = shift_files.save_shift_file
     monkeypatch.setattr(shifts, "save_shift_file", lambda *args, step, **kw: saved.append(step) or
                         real_save(*args, step=step, **kw))
-    train.train(train.resolve(train.parse_args(list(map(str, common(setup, tmp_path / "out", 5, "--save-every", 2,
-                                                                    "--sample-every", 2, "--sample-steps", 1))))))
+    train.train(train_args.resolve(train_args.parse(list(map(str, common(setup, tmp_path / "out", 5, "--save-every", 2,
+                                                                    "--sample-every", 2, "--sample-steps", 1))), train.Settings())))
     assert saved == [2, 4, 5]
     assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == \
         ["step_00002.png", "step_00004.png", "step_00005.png"]
@@ -421,8 +421,8 @@ def test_each_draw_is_a_sample_of_the_vae_posterior_times_its_scale(setup, tmp_p
     import vae as vae_lib
     (tmp_path / "one").mkdir()
     shutil.copy(setup / "dog" / "0.png", tmp_path / "one" / "0.png")
-    a = train.resolve(train.parse_args(list(map(str, ["--images", tmp_path / "one", *common(setup, tmp_path / "out", 3)[2:],
-                                                      "--batch-size", 2]))))
+    a = train_args.resolve(train_args.parse(list(map(str, ["--images", tmp_path / "one", *common(setup, tmp_path / "out", 3)[2:],
+                                                      "--batch-size", 2])), train.Settings()))
     real_encode, real_noise = vae_lib.VAE.encode, ddim.add_noise
     monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
                                                                 torch.full_like(real_encode(self, x)[1], 0.25).log()))
@@ -432,15 +432,15 @@ def test_each_draw_is_a_sample_of_the_vae_posterior_times_its_scale(setup, tmp_p
     monkeypatch.undo()
     scale = model.vae.cfg.scaling_factor
     with torch.no_grad():
-        mean = model.vae.encode(data.load_image_folder(tmp_path / "one", 64)[0][0][None])[0]
+        mean = model.vae.encode(images.load_image_folder(tmp_path / "one", 64)[0][0][None])[0]
     deviation = torch.cat(drawn) / scale - mean
     assert abs(deviation.mean()) < 0.05 and abs(deviation.std() - 0.5) < 0.05, (deviation.mean(), deviation.std())
 
 
 def test_resume_without_model_continues_on_the_runs_own_base_model(setup, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    train.train(train.resolve(train.parse_args(list(map(str, common(setup, out, 1))))))
+    train.train(train_args.resolve(train_args.parse(list(map(str, common(setup, out, 1))), train.Settings())))
     monkeypatch.setenv("SVDIFF_MODEL", str(tmp_path / "another-model.safetensors"))
-    a = train.resolve(train.parse_args(list(map(str, ["--images", setup / "dog", "--token", "sks", "--out", out,
-                                                      "--resume", "--steps", 2]))))
+    a = train_args.resolve(train_args.parse(list(map(str, ["--images", setup / "dog", "--token", "sks", "--out", out,
+                                                      "--resume", "--steps", 2])), train.Settings()))
     assert a.model == str((setup / "model").resolve())

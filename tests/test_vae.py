@@ -6,6 +6,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 import sd
 import tiny
+from support import loading
 import vae as vae_lib
 
 CONFIGS = {"sd-like": tiny.VAE_CONFIG,
@@ -46,7 +47,7 @@ def test_diffusers_layout_loads_in_both_attention_spellings(spelling):
     ours = vae_lib.VAE(cfg).eval()
     expected = ours.state_dict()
     mapped = {vae_lib.diffusers_to_original(k, cfg): v for k, v in state.items()}
-    ours.load_state_dict({k: sd.fit_shape(v, expected[k].shape) for k, v in mapped.items()}, strict=True)
+    ours.load_state_dict({k: loading.fit_shape(v, expected[k].shape) for k, v in mapped.items()}, strict=True)
     err = diffs(ours, oracle)
     assert err <= 1e-4, f"max abs diff {err:.2e}"
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import clip_text
 import sd
+from support import checkpoint, loading
 import unet as unet_lib
 import vae as vae_lib
 
@@ -78,9 +79,9 @@ def _hf_text_state(state):
 
 def original_checkpoint(unet, vae, text, family: str) -> dict:
     """Our modules' tensors under their names in an ORIGINAL single-file checkpoint."""
-    ckpt = {sd.checkpoint_key("unet", k, family): v for k, v in unet.state_dict().items()}
-    ckpt |= {sd.checkpoint_key("vae", k, family): v for k, v in vae.state_dict().items()}
-    ckpt |= {sd.checkpoint_key("text_encoder", k, family): v for k, v in text.state_dict().items()}
+    ckpt = {loading.checkpoint_key("unet", k, family): v for k, v in unet.state_dict().items()}
+    ckpt |= {loading.checkpoint_key("vae", k, family): v for k, v in vae.state_dict().items()}
+    ckpt |= {loading.checkpoint_key("text_encoder", k, family): v for k, v in text.state_dict().items()}
     return ckpt
 
 

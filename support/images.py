@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from PIL import Image, ImageOps
 
+from support.files import atomic_write
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # The user's own photos, not uploads: a 200 MP camera file is no decompression bomb (PIL's default limit is 89 MP,
 # an error above 179 MP). A limit stays, far above any camera, so that a damaged header claiming 100k x 100k pixels
@@ -81,6 +83,11 @@ def load_image(path: Path, resolution: int):
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     crop = Crop(original[::-1], (top, left), (top, w - resolution - left))
     return x.permute(2, 0, 1).float() / 127.5 - 1, crop, warning
+
+
+def save_png(image, path: Path):
+    """A PNG written whole or not at all (Ctrl-C, a full disk)."""
+    atomic_write(lambda p: image.save(p, format="PNG"), path)
 
 
 def image_files(folder: Path, flag: str = "--images") -> list[Path]:

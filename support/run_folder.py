@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-import shifts
 import svdiff
+from support import shift_files
+from support.files import atomic_write
 
 CONFIG = "config.json"
 # What resuming may change: how long, where and how fast it runs, and what it writes on the way. Everything else
@@ -47,7 +48,7 @@ def only_run_files(out: Path) -> bool:
 def write_config(a, out: Path):
     """The resolved settings, as --resume reads them back."""
     settings = {k: v for k, v in vars(a).items() if k != "given"}
-    svdiff.atomic_write(lambda p: p.write_text(json.dumps(settings, indent=2)), out / CONFIG)
+    atomic_write(lambda p: p.write_text(json.dumps(settings, indent=2)), out / CONFIG)
 
 
 def read_config(run: Path) -> dict:
@@ -101,18 +102,49 @@ def continue_command(out) -> str:
 # The state of a saved step: shifts.safetensors (the δ users apply) + resume.pt (δ in fp32, AdamW, random state)
 
 
-def save_step(model, out: Path, step: int, optimizer, scaler, rng, half=False, subset="all", rank=None):
+def start(model, out: Path, a, optimizer, scaler, gen) -> int:
+    """The step training starts after: --resume's saved step (its δ, AdamW's state, the loss scale and the random
+    state restored, and the log's later lines dropped: they are replayed), or 0 in a folder made ready for a new
+    run. Writes config.json, the settings as --resume reads them."""
+    step = 0
+    if a.resume and holds_run(out):
+        step = resume_state(model, out, optimizer, scaler, gen)
+        trim_log(out, step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("log.jsonl", "shifts.safetensors", "resume.pt"):
+            (out / stale).unlink(missing_ok=True)
+    write_config(a, out)
+    return step
+
+
+def save_step(model, out: Path, step: int, optimizer, scaler, gen, a):
     """The shift file and resume.pt of `step`: δ (fp32 in resume.pt, whatever --half makes of the shift file),
-    AdamW's state, and the random state `rng` taken before step + 1 drew its batch, so a resumed run draws
-    exactly what this one would have. Only finite δ are ever written."""
-    layers = svdiff.shifts(model)
-    if not all(torch.isfinite(m.delta).all() for _, m in layers):  # the loop checks δ after every step
+    AdamW's state, and the random state now, before step + 1 draws its batch, so that a resumed run draws exactly
+    what this one would have. Only finite δ are ever written."""
+    layers = shift_files.shifts_by_key(model)
+    if not all(torch.isfinite(m.delta).all() for _, m in layers):  # (check_deltas ran after the step)
         raise ValueError(f"the shifts δ are not finite at step {step}; not saved")
-    shifts.save_shift_file(model, out / "shifts.safetensors", half=half, subset=subset, rank=rank, step=step)
+    shift_files.save_shift_file(model, out / "shifts.safetensors", half=a.half, subset=a.subset, rank=a.rank,
+                                step=step)
     state = {"step": step, "delta": {k: m.delta.detach().float().cpu() for k, m in layers},
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "generator": rng[0],
-             "torch_rng": rng[1]}
-    svdiff.atomic_write(lambda p: torch.save(state, p), out / "resume.pt")
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "generator": gen.get_state(),
+             "torch_rng": torch.get_rng_state()}
+    atomic_write(lambda p: torch.save(state, p), out / "resume.pt")
+
+
+def check_loss(loss, step: int, out: Path):
+    """A loss that is not finite stops the run (no step is taken with it), keeping the last save."""
+    if not torch.isfinite(loss):
+        raise ValueError(f"the loss became {loss.item()} with the shifts of step {step - 1}; stopped. {kept(out)} "
+                         "Lower --lr, or use --dtype fp32/bf16")
+
+
+def check_deltas(model, step: int, out: Path):
+    """δ that are not finite after a step stop the run before anything saves them (one sync for all)."""
+    deltas = torch.cat([m.delta.detach().flatten() for _, m in svdiff.shifts(model)])
+    if not bool(torch.isfinite(deltas).all()):
+        raise ValueError(f"the shifts δ became non-finite at step {step}; stopped. {kept(out)} Lower --lr")
 
 
 def saved_step(out: Path) -> int | None:
@@ -130,7 +162,7 @@ def resume_files(out: Path):
         raise ValueError(f"--resume: {out / 'resume.pt'} cannot be read ({type(e).__name__}); pass --overwrite to "
                          "start afresh") from None
     path = out / "shifts.safetensors"
-    _, meta = shifts.read_shift_file(path) if path.is_file() else (None, {})
+    _, meta = shift_files.read_shift_file(path) if path.is_file() else (None, {})
     if "delta" not in state or meta.get("step") != str(state["step"]):
         raise ValueError(f"--resume: {path} is of step {meta.get('step', 'none')} but resume.pt of step "
                          f"{state.get('step')}; they do not belong together. Pass --overwrite to start afresh")
@@ -142,9 +174,9 @@ def resume_state(model, out: Path, optimizer, scaler, gen) -> int:
     --half), after checking that the shift file beside it belongs to the same step and that the base model is the
     one it was trained on. Returns the step to continue from."""
     state, meta = resume_files(out)
-    shifts.check_shift_file(model, out / "shifts.safetensors", meta,
+    shift_files.check_shift_file(model, out / "shifts.safetensors", meta,
                             hint="resume with the --model of the interrupted run, or pass --overwrite to start afresh")
-    layers = dict(svdiff.shifts(model))
+    layers = dict(shift_files.shifts_by_key(model))
     if set(layers) != set(state["delta"]):
         raise ValueError(f"--resume: {out / 'resume.pt'} holds shifts of other layers; resume with the --subset and "
                          "--rank of the interrupted run, or pass --overwrite to start afresh")
@@ -160,11 +192,11 @@ def resume_state(model, out: Path, optimizer, scaler, gen) -> int:
 
 
 def kept(out: Path) -> str:
-    """What a stopped run leaves: the last shift file whose δ gave a finite loss, if any."""
+    """What a stopped run leaves: the last shift file saved (its δ finite), if any."""
     f = out / "shifts.safetensors"
     if not f.is_file():
         return "No shift file had been saved yet."
-    return f"The last good shift file is kept: {f} (step {shifts.read_shift_file(f)[1].get('step', '?')})."
+    return f"The last good shift file is kept: {f} (step {shift_files.read_shift_file(f)[1].get('step', '?')})."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,13 +218,32 @@ def trim_log(out: Path, step: int):
     log.write_text("".join(l + "\n" for l in lines if logged_step(l) <= step))
 
 
-def log_step(out: Path, record: dict):
+def log_step(out: Path, step: int, loss, prior_loss, unmix_loss, optimizer, loss_scale, seconds: float):
+    """One line of log.jsonl; `loss_scale` (fp16 on CUDA) is the scale the step's gradients were made with."""
+    record = {"step": step, "loss": loss.detach().item(), "prior_loss": float(prior_loss.detach()),
+              "unmix_loss": None if unmix_loss is None else float(unmix_loss.detach()),
+              "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
     with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record | ({"loss_scale": loss_scale} if loss_scale is not None else {})) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ctrl-C
+
+
+def save_and_stop(model, out: Path, a, done: int, start: int, optimizer, scaler, gen):
+    """Ctrl-C: save step `done` (if this run took one: a resumed run's first is on disk already) and raise
+    Interrupted."""
+    if done > start:
+        save_step(model, out, done, optimizer, scaler, gen, a)
+    raise Interrupted(done, saved=done > 0)
+
+
+def interrupted_line(e, a) -> str:
+    if e.saved:
+        return (f"stopped at step {e.step} of {a.steps}, saved in {a.out}; continue with: "
+                f"{continue_command(a.out)}")
+    return "stopped before the first step ended; nothing saved: the same command starts afresh"
 
 
 class Interrupted(Exception):
