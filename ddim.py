@@ -1,4 +1,5 @@
-"""The Stable Diffusion noise schedule and the DDIM sampler / inverter (Song et al. 2021), as SD ships them.
+"""The Stable Diffusion noise schedule and the DDIM sampler (Song et al. 2021), as SD ships them; DDIM run backwards
+is one step here (`ddim_inverse_step`), and the inversion loop of SVDiff's Eq. 6 is svdiff.ddim_invert.
 
 Matches diffusers' DDIMScheduler / DDIMInverseScheduler with SD's configuration: scaled_linear betas
 0.00085 -> 0.012 over 1000 steps, "leading" timesteps with offset 1, set_alpha_to_one False, no clipping.
@@ -96,27 +97,4 @@ def sample(denoise, latents, num_steps, alphas_cumprod, eta=0.0, generator=None,
             gen_device = generator.device if generator is not None else x.device
             noise = torch.randn(out.shape, generator=generator, device=gen_device, dtype=out.dtype).to(x.device)
         x = ddim_step(out, x, t, t - step, alphas_cumprod, eta, noise, prediction_type).to(latents.dtype)
-    return x
-
-
-def invert(denoise, latents, num_steps, alphas_cumprod, prediction_type="epsilon", progress=True,
-           model_at="source"):
-    """DDIM inversion: clean latents -> x_T along the ascending timesteps, each step the DDIM step run backwards.
-
-    model_at="source" (default): the model is evaluated where the latent is, at the step's source level (the
-    first at t = 0, the level ᾱ_0 that sampling ends on): DDIM's ODE integrated backwards with the same Euler
-    rule (Song et al. 2021 §4.3; Dhariwal & Nichol 2021 App. F), so a model that is consistent along its
-    trajectories, e.g. the exact model of a single data point, comes back exactly.
-    model_at="target": at the step's target level t while the latent is still at the source level, one step
-    ahead, as diffusers' inversion pipelines (Pix2PixZero, DiffEdit) and null-text inversion drive
-    DDIMInverseScheduler."""
-    if model_at not in ("source", "target"):
-        raise ValueError(f"model_at must be source or target, got {model_at!r}")
-    step = 1000 // num_steps
-    alphas_cumprod = alphas_cumprod.to(latents.device)
-    x = latents
-    for t in tqdm(timesteps(num_steps).flip(0).tolist(), desc="inverting", disable=not progress):
-        t_src = t - step
-        out = denoise(x, max(t_src, 0) if model_at == "source" else t)
-        x = ddim_inverse_step(out, x, t, t_src, alphas_cumprod, prediction_type).to(latents.dtype)
     return x

@@ -24,15 +24,14 @@ import ddim
 import sd
 import svdiff
 import train
-from support import apply_shifts, cli, edit_args, images, run_folder, sheet, train_args
+from support import apply_shifts, cli, edit_args, photos, run_folder, sheet, train_args
 
 
 def main(argv=None):
     a = edit_args.parse(argv)  # the flags and every check of them, before anything is loaded
-    t = train_args.resolve(fine_tuning(a))  # ... and of the fine-tuning's: the model, resolution, device
-    a.dtype, a.resolution, a.grad_checkpointing = t.dtype, t.resolution, t.grad_checkpointing
+    t = resolve(a)
     out = Path(a.out)
-    loaded = images.load_image_folder(Path(a.image), a.resolution, "--image")  # train.py's image handling
+    loaded = photos.load_image_folder(Path(a.image), a.resolution, "--image")  # train.py's image handling
     image, crop = loaded[0][0], loaded[2][0]
     # SDXL's micro-conditioning of the inversion and of the edits: the image's own (as in its fine-tuning), its
     # original size and centre crop, made at R x R
@@ -64,10 +63,18 @@ def main(argv=None):
                                                  sizes=sizes)
         for row, seed in zip(rows, a.seed):
             im = sd.to_pil(edit_image(model, z_T, prompt, seed, a, sizes=sizes))[0]
-            images.save_png(im, out / output_name(i, prompt, seed))
+            photos.save_png(im, out / output_name(i, prompt, seed))
             row.append((im, prompt if len(a.seed) == 1 else f"{prompt} (seed {seed})"))
-    images.save_png(sheet.comparison(rows), out / "comparison.png")
+    photos.save_png(sheet.comparison(rows), out / "comparison.png")
     print(f"done: {cli.plural(len(a.edit) * len(a.seed), 'edit')} and comparison.png in {out}")
+
+
+def resolve(a) -> train.Settings:
+    """The fine-tuning's settings, resolved and checked as train.py's are (the model, resolution, device); `a` gets
+    the resolution, dtype and gradient checkpointing they settle on (SDXL: 1024 px, on)."""
+    t = train_args.resolve(fine_tuning(a))
+    a.dtype, a.resolution, a.grad_checkpointing = t.dtype, t.resolution, t.grad_checkpointing
+    return t
 
 
 def fine_tuning(a) -> train.Settings:

@@ -18,7 +18,7 @@ import torch
 import sd
 from support import apply_shifts, cli, loading, shift_files
 from support.files import atomic_write
-from support.images import save_png
+from support.photos import save_png
 from support.svd_cache import check_svd_cache
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import sd
-from support import apply_shifts, cli, exports, shift_files, svdiff_pytorch
+from support import apply_shifts, cli, exports, loading, shift_files, svdiff_pytorch
 from support.files import atomic_write
 
 
@@ -92,7 +92,7 @@ def main(argv=None):
     if a.command == "export-lora" and a.rank < 1:
         raise ValueError("--rank must be at least 1")
     if a.command != "convert":
-        a.model = sd.choose_model(a.model, shift_files.parse_spec(a.shifts[0])[0])
+        a.model = loading.choose_model(a.model, shift_files.parse_spec(a.shifts[0])[0])
     if a.command == "export-merged" and not Path(a.model).is_file():
         raise ValueError(f"--model {a.model} is not a single-file checkpoint; export-merged rewrites one (.safetensors/"
                          ".ckpt), not a diffusers folder or Hub id")

@@ -79,6 +79,11 @@ class SpectralShift(nn.Module):
         """ReLU(σ + δ) - σ: how much each singular value moves (exactly 0 where δ = 0)."""
         return spectral_shift(self.sigma, self.delta) - self.sigma
 
+    @property
+    def V(self):
+        """V [n, k], the paper's right singular vectors (a view of the stored Vᵀ)."""
+        return self.Vh.T
+
     def delta_weight(self):
         """ΔW = U diag(ReLU(σ + δ) - σ) Vᵀ, shaped like the module's weight: W_δ = W + ΔW is Eq. 2."""
         return ((self.U * self.delta_sigma().to(self.U.dtype)) @ self.Vh).reshape(self.base.weight.shape)

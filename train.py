@@ -25,7 +25,7 @@ from tqdm import tqdm
 import ddim
 import sd
 import svdiff
-from support import cli, fast_layer, images, latents, run_folder, train_args
+from support import cli, fast_layer, latents, photos, run_folder, train_args
 from support.fingerprint import fingerprint
 
 
@@ -62,7 +62,7 @@ class Settings:
     cutmix_prob: float = 0.6     # the paper's chance that an example is a collage of two
     cutmix_prompt: str = "a photo of a {left} on the left and a {right} on the right"
     # squared attention probabilities are ~1e-4: 1000 is the largest weight that cost the diffusion loss nothing
-    # measurable in our tiny-model experiment (README, "Why --unmix-weight 1000")
+    # measurable in our tiny-model experiment (docs/usage.md, "Why --unmix-weight 1000")
     unmix_weight: float = 1000.0
     # hardware
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,10 +93,10 @@ def main(argv=None):
 
 def train(a: Settings, instances=None):
     """Train δ on resolved settings (train_args.resolve); returns the model with its shifts, not merged.
-    `instances`: the subjects' photos as images.load_image_folder returns them, if the caller has them."""
+    `instances`: the subjects' photos as photos.load_image_folder returns them, if the caller has them."""
     out, cuda = Path(a.out), a.device.startswith("cuda")
     autocast_dtype = train_args.weight_dtype(a) if cuda else None  # the CPU computes in fp32
-    instances = instances or [images.load_image_folder(Path(p), a.resolution) for p in a.images]
+    instances = instances or [photos.load_image_folder(Path(p), a.resolution) for p in a.images]
     # the frozen weights in the autocast dtype (half the memory); δ and AdamW stay fp32
     model = sd.load(a.model, device=a.device, dtype=train_args.weight_dtype(a), vocab=a.vocab)
     for token in a.token or []:
@@ -110,8 +110,12 @@ def train(a: Settings, instances=None):
     instance_prompts = [[(None if a.no_captions else caption) or a.instance_prompt.format(token=t, **{"class": c})
                          for caption in captions] for (_, captions, _), t, c in zip(instances, tokens, a.class_word)]
     class_prompts = [a.class_prompt.format(**{"class": c}) for c in a.class_word]
-    collages = {pair: collage_prompts(model, a, *pair) for pair in itertools.permutations(range(len(a.images)), 2)
-                if a.cutmix_prob > 0}
+    collages = {}
+    for left, right in itertools.permutations(range(len(a.images)), 2) if a.cutmix_prob > 0 else []:
+        prompt, class_prompt = cutmix_prompts(a, left, right)
+        positions = [(svdiff.token_positions(model.tokenizer, prompt, a.token[i]), side)  # (SDXL: both tokenizers')
+                     for i, side in ((left, "left"), (right, "right"))]
+        collages[left, right] = prompt, class_prompt, positions
 
     # The prior: class images from the base model, generated once (kept in --class-dir)
     class_images = []
@@ -119,7 +123,7 @@ def train(a: Settings, instances=None):
         for word, prompt in zip(a.class_word, class_prompts):
             folder = Path(a.class_dir) / word.replace("/", "_")
             generate_class_images(model, prompt, folder, a)
-            class_images.append(images.load_image_folder(folder, a.resolution, "--class-dir", a.num_class_images))
+            class_images.append(photos.load_image_folder(folder, a.resolution, "--class-dir", a.num_class_images))
 
     # The VAE is frozen: every photo is encoded once, and each step draws z from its posterior
     subjects = [latents.encode(model, x, crops, a.flip) for x, _, crops in instances]
@@ -150,8 +154,8 @@ def train(a: Settings, instances=None):
                 prompts, sizes = [prompt] * a.batch_size, [latents.whole(a)]
             else:
                 s, = chosen
-                z, photos, crops = latents.draw(subjects[s], a, gen)
-                prompts, sizes, class_prompt = [instance_prompts[s][i] for i in photos], [crops], class_prompts[s]
+                z, rows, crops = latents.draw(subjects[s], a, gen)
+                prompts, sizes, class_prompt = [instance_prompts[s][i] for i in rows], [crops], class_prompts[s]
             if a.prior_weight > 0:  # the class images, as a collage or not, alike
                 if len(chosen) == 2:
                     zc = svdiff.cutmix(latents.draw(classes[left], a, gen).z, latents.draw(classes[right], a, gen).z)
@@ -193,7 +197,7 @@ def train(a: Settings, instances=None):
                 run_folder.save_step(model, out, step, optimizer, scaler, gen, a)
             if a.sample_every and (step % a.sample_every == 0 or step == a.steps):
                 set_train(model, False)
-                write_samples(model, out, step, a.sample_prompt or sample_prompt(a, instance_prompts), a)
+                write_samples(model, out, step, a.sample_prompt or sample_prompt(a, instance_prompts[0][0]), a)
                 set_train(model, True)
     set_train(model, False)
     model.unet.record_cross_attention(False)
@@ -202,9 +206,9 @@ def train(a: Settings, instances=None):
 
 def generate_class_images(model, prompt, folder: Path, a: Settings):
     """Prior preservation's class images, from the base model (DDIM), kept as PNGs and reused by later runs of the
-    same base model, resolution and class prompt (images.reusable_class_images)."""
+    same base model, resolution and class prompt (photos.reusable_class_images)."""
     made_for = {"model": fingerprint(model), "resolution": a.resolution, "prompt": prompt}
-    have = images.reusable_class_images(folder, made_for)
+    have = photos.reusable_class_images(folder, made_for)
     if len(have) >= a.num_class_images:
         return
     print(f"generating {cli.plural(a.num_class_images - len(have), 'class image')} for {prompt!r} in {folder}")
@@ -215,7 +219,7 @@ def generate_class_images(model, prompt, folder: Path, a: Settings):
         x = sd.text_to_image(model, [prompt] * k, steps=a.class_steps, generator=g, height=a.resolution,
                              width=a.resolution, progress=False)
         for j, im in enumerate(sd.to_pil(x)):
-            images.save_png(im, folder / f"{i + j:05d}.png")
+            photos.save_png(im, folder / f"{i + j:05d}.png")
 
 
 def draw_subjects(gen, n_subjects: int, cutmix_prob: float) -> list[int]:
@@ -226,24 +230,21 @@ def draw_subjects(gen, n_subjects: int, cutmix_prob: float) -> list[int]:
     return [int(torch.randint(n_subjects, (1,), generator=gen))]
 
 
-def collage_prompts(model, a: Settings, left: int, right: int):
+def cutmix_prompts(a: Settings, left: int, right: int) -> tuple[str, str]:
     """A collage's prompt, --cutmix-prompt naming each subject with its place ("a photo of a sks dog on the left and
-    a zwx sculpture on the right"), the same with the class words alone for the prior collage, and where each
-    subject's token sits in the first ([(positions, side)], for the Unmix loss). SDXL's context is its two
-    encoders' states side by side, and both tokenizers give the same ids but for the padding after EOS: the
-    positions hold for both."""
+    a zwx sculpture on the right"), and the same with the class words alone for the prior collage. (SDXL's context
+    is its two encoders' states side by side, and both tokenizers give the same ids but for the padding after EOS:
+    a subject's token positions hold for both.)"""
     names = [f"{a.token[i]} {a.class_word[i]}" for i in (left, right)]
-    prompt = a.cutmix_prompt.format(left=names[0], right=names[1])
-    positions = [(svdiff.token_positions(model.tokenizer, prompt, a.token[i]), side)
-                 for i, side in ((left, "left"), (right, "right"))]
-    return prompt, a.cutmix_prompt.format(left=a.class_word[left], right=a.class_word[right]), positions
+    return (a.cutmix_prompt.format(left=names[0], right=names[1]),
+            a.cutmix_prompt.format(left=a.class_word[left], right=a.class_word[right]))
 
 
-def sample_prompt(a: Settings, instance_prompts) -> str:
+def sample_prompt(a: Settings, first_instance_prompt: str) -> str:
     """The sample grids' default prompt: the first instance prompt, or with several subjects a composition of the
     first two, "a {token1} {class1} sitting beside a {token2} {class2}"."""
     if len(a.images) == 1:
-        return instance_prompts[0][0]
+        return first_instance_prompt
     return f"a {a.token[0]} {a.class_word[0]} sitting beside a {a.token[1]} {a.class_word[1]}"
 
 
@@ -256,7 +257,7 @@ def write_samples(model, out: Path, step: int, prompt: str, a):
         x = sd.text_to_image(model, [prompt] * 4, steps=a.sample_steps, height=a.resolution, width=a.resolution,
                              generator=torch.Generator("cpu").manual_seed(a.seed), progress=False)
     (out / "samples").mkdir(exist_ok=True)
-    images.save_png(sd.grid(sd.to_pil(x)), out / "samples" / f"step_{step:05d}.png")
+    photos.save_png(sd.grid(sd.to_pil(x)), out / "samples" / f"step_{step:05d}.png")
 
 
 def set_train(model, on: bool):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from support import apply_shifts, cli, images, loading
+from support import apply_shifts, cli, loading, photos
 
 
 def parse(argv=None):
@@ -68,7 +68,7 @@ def check(a):
     if Path(a.image).is_dir():
         raise ValueError(f"--image {a.image} is a folder; edit.py edits one photo: pass its file, e.g. "
                          f"--image {Path(a.image) / 'cat.jpg'}")
-    images.check_images(Path(a.image), "--image")  # a readable image (loaded once the resolution is known)
+    photos.check_images(Path(a.image), "--image")  # a readable image (loaded once the resolution is known)
     if not a.prompt or not a.prompt.strip():
         raise ValueError("--prompt is empty: describe the input image, e.g. --prompt 'a photo of a cat'")
     if not a.edit:

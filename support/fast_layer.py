@@ -49,8 +49,8 @@ class FastSpectralShift(svdiff.SpectralShift):
         backward-to-weight (3·T·m·n) and ΔW is built and differentiated (2·m·n·r). Factored: x·V and ·Uᵀ forward,
         and the same two backward (2·T·r·(m+n)), replacing the frozen GEMM instead of adding to it. A 3x3 conv
         (n = 9·c_in ≫ m) or any layer with many tokens prefers factored; square layers with few tokens, dense.
-        (On a GPU a 512 px step is not bound by multiply-adds: there the two paths cost about the same, README
-        "Performance".)"""
+        (On a GPU a 512 px step is not bound by multiply-adds: there the two paths cost about the same,
+        docs/performance.md.)"""
         m, n = self.base.weight.shape[0], self.base.weight[0].numel()
         r = self.sigma.shape[0]
         if self.kind == "conv":

@@ -1,5 +1,5 @@
 """The SVD of Eq. 1, faster: what the scripts factor every weight with (svdiff.svd is the readable one, LAPACK's
-SVD; tests/test_fast_svd.py holds the two to the same factors). On SD's matrices it took a third of LAPACK's time
+SVD; tests/test_fast_layer.py holds the two to the same factors). On SD's matrices it took a third of LAPACK's time
 on this project's 2-core CPU and a sixth to an eighth of cuSOLVER's on an H200 (bench.py's `svd_vs_lapack`), at the
 same ~1e-14 reconstruction error.
 """

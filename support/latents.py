@@ -9,7 +9,7 @@ import torch
 class Encoded(NamedTuple):
     """One subject's (or class's) photos through the VAE: posterior mean and log-variance [N, 2·4, h, w], the same
     of the mirrored photos (for --flip), and each photo's crop [N, 3, 2]: original size, corner, mirrored corner
-    (images.Crop); and the VAE's scaling factor (SD 0.18215, SDXL 0.13025), which z is multiplied by."""
+    (photos.Crop); and the VAE's scaling factor (SD 0.18215, SDXL 0.13025), which z is multiplied by."""
     moments: torch.Tensor
     moments_flipped: torch.Tensor
     crops: torch.Tensor
@@ -18,7 +18,7 @@ class Encoded(NamedTuple):
 
 class Draw(NamedTuple):
     z: torch.Tensor        # [n, 4, h, w], times the VAE's scaling factor
-    photos: list           # which photo each row is
+    rows: list             # which photo each row is
     crops: tuple           # (original sizes [n, 2], crop corners [n, 2]): SDXL's micro-conditioning of each row
 
 

@@ -136,8 +136,8 @@ def save_step(model, out: Path, step: int, optimizer, scaler, gen, a):
 def check_loss(loss, step: int, out: Path):
     """A loss that is not finite stops the run (no step is taken with it), keeping the last save."""
     if not torch.isfinite(loss):
-        raise ValueError(f"the loss became {loss.item()} with the shifts of step {step - 1}; stopped. {kept(out)} "
-                         "Lower --lr, or use --dtype fp32/bf16")
+        raise ValueError(f"the loss became {loss.item()} with the shifts of step {step - 1}; stopped. "
+                         f"{kept(out, step - 1)} Lower --lr, or use --dtype fp32/bf16")
 
 
 def check_deltas(model, step: int, out: Path):
@@ -191,12 +191,16 @@ def resume_state(model, out: Path, optimizer, scaler, gen) -> int:
     return state["step"]
 
 
-def kept(out: Path) -> str:
-    """What a stopped run leaves: the last shift file saved (its δ finite), if any."""
+def kept(out: Path, failed: int | None = None) -> str:
+    """What a stopped run leaves: the last shift file saved (its δ finite), if any; `failed`: the step whose shifts
+    gave a loss that is not finite, which may be that file's own."""
     f = out / "shifts.safetensors"
     if not f.is_file():
         return "No shift file had been saved yet."
-    return f"The last good shift file is kept: {f} (step {shift_files.read_shift_file(f)[1].get('step', '?')})."
+    step = shift_files.read_shift_file(f)[1].get("step", "?")
+    if str(failed) == step:
+        return f"The last shift file saved, {f} (step {step}), holds those very shifts."
+    return f"The last good shift file is kept: {f} (step {step})."
 
 
 # ---------------------------------------------------------------------------------------------------------------

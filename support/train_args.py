@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import svdiff
-from support import cli, images, loading, run_folder
+from support import cli, loading, photos, run_folder
 from support.svd_cache import check_svd_cache
 
 
@@ -89,7 +89,7 @@ def check_args(a):
         raise ValueError("no --images: pass a folder of the subject's photos (3-5 is typical), e.g. --images ./dog; "
                          "or --resume RUN to continue a run")
     for folder in a.images:  # (loaded in `train`; one with no readable image is refused before a model is fetched)
-        images.check_images(Path(folder))
+        photos.check_images(Path(folder))
     if not a.token and len(a.images) > 1:
         raise ValueError("several --images folders need one --token each (e.g. --token sks --token zwx)")
     if not a.token and uses_token(a.instance_prompt):
@@ -184,7 +184,7 @@ def resolve(a):
         if a.grad_checkpointing is None:
             # On for SDXL: at 1024 px (4x the pixels of SD's 512) through a UNet 3x SD1.5's, the activations kept
             # for the backward pass grow past what a 24 GB GPU has beside the weights and factors (as DreamBooth-SDXL
-            # recipes expect; with it a step peaks at 16.6 GB on an H200, README "Performance"); recomputing them
+            # recipes expect; with it a step peaks at 16.6 GB on an H200, docs/performance.md); recomputing them
             # costs one more UNet forward per step. --no-grad-checkpointing where memory allows.
             a.grad_checkpointing = family == "sdxl"
     return a

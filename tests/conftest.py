@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 # OpenMP's default busy-waiting made LAPACK calls (the SVDs) 10-100x slower on a machine shared with other jobs
-# (README, Performance; bench.py sets the same); it must be set before torch loads its OpenMP runtime. Subprocesses
+# (docs/performance.md; bench.py sets the same); it must be set before torch loads its OpenMP runtime. Subprocesses
 # (the scripts run as commands) inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -1,5 +1,5 @@
 """bench.py on a tiny model: every method trains, every figure is reported, and the baselines are what they claim.
-No timing is asserted here: speed claims come from bench.py runs (README "Performance")."""
+No timing is asserted here: speed claims come from bench.py runs (docs/performance.md)."""
 import json
 import subprocess
 import sys

@@ -26,12 +26,11 @@ import ddim
 import edit
 import sample
 import sd
-import shifts
 import svdiff
 import tiny
 import train
 from conftest import BPE_VOCAB, load_with_shifts, photo
-from support import apply_shifts, fast_layer, fast_svd, images, loading, shift_files, train_args
+from support import apply_shifts, fast_svd, loading, photos, shift_files, train_args
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 DEVICE = os.environ.get("SVDIFF_CUDA_LANE_DEVICE", "cuda")
@@ -47,7 +46,7 @@ LR = "1e-2"  # the tiny model's fixed-noise loss falls to 0.83x in 20 steps (CPU
 # Half-precision sampling against fp32 on the tiny model (10 DDIM steps, guidance 7.5, 2 images), in /255 of a pixel:
 # bounds on the mean and on the largest difference. The CPU's half-precision kernels give fp16 mean 0.21, max 2 and
 # bf16 mean 1.8, max 19 (base and shifted model alike); a GPU's kernels round and accumulate differently, so the
-# bounds leave about 5x that. The test prints what the GPU gives (README "Performance" keeps it).
+# bounds leave about 5x that. The test prints what the GPU gives (docs/performance.md keeps it).
 HALF_BOUNDS = {"fp16": (1.0, 16), "bf16": (6.0, 64)}
 
 
@@ -95,7 +94,7 @@ def fixed_loss(lane, shift_file=None):
     """ε-MSE on the dog photos at FIXED noise and timesteps, in fp32 on the lane's device, with or without a
     shift file (forced: the file may come from weights loaded in half precision)."""
     model = load_with_shifts(lane / "model.safetensors", shift_file, force=True, vocab=BPE_VOCAB, device=DEVICE)
-    images, _, _ = images.load_image_folder(lane / "dog", 64)
+    images, _, _ = photos.load_image_folder(lane / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images).to(DEVICE))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor

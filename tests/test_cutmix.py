@@ -14,7 +14,7 @@ import sd
 import svdiff
 import tiny
 import train
-from support import fast_layer, images, shift_files, train_args
+from support import fast_layer, photos, shift_files, train_args
 import unet as unet_lib
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def fixed_unmix_loss(root, shift_file=None):
     model = load_with_shifts(root / "model", shift_file)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        z = {n: model.vae.encode(torch.stack(images.load_image_folder(root / n, 64)[0]))[0] * model.vae.cfg.scaling_factor
+        z = {n: model.vae.encode(torch.stack(photos.load_image_folder(root / n, 64)[0]))[0] * model.vae.cfg.scaling_factor
              for n in ("dog", "sculpture")}
         total = 0.0
         for left, right in (("dog", "sculpture"), ("sculpture", "dog")):

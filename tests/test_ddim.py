@@ -4,6 +4,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 import ddim
+import svdiff
 import tiny
 
 A = ddim.alphas_cumprod()

@@ -13,14 +13,13 @@ from PIL import Image
 import ddim
 import edit
 import sd
-import shifts
 import svdiff
 import tiny
 from support import edit_args, shift_files
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 A = ddim.alphas_cumprod()
-EXACT = 1e-5  # the README's bound on the inversion round trip of an exact model
+EXACT = 1e-5  # docs/usage.md's bound on the inversion round trip of an exact model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,12 +45,12 @@ def test_inversion_then_sampling_returns_the_data_point_of_an_exact_model(steps,
     T = ddim.timesteps(steps)[0]
     assert (z_T - (A[T].sqrt() * z0 + (1 - A[T]).sqrt() * eps)).abs().max() <= 1e-4
     back = ddim.sample(model, z_T, steps, A, prediction_type=prediction_type, progress=False)
-    assert (back - z0).abs().max() <= EXACT  # float32 rounding only (README: measured ≤ 2.6e-6)
+    assert (back - z0).abs().max() <= EXACT  # float32 rounding only (docs/usage.md: measured ≤ 2.6e-6)
 
 
 def test_evaluating_the_model_one_step_ahead_as_diffusers_pipelines_do_is_not_exact():
     """The other convention (model at the target level, the latent still at the source) is first-order accurate
-    only: on the same unit-scale latents the round trip misses z0 by 100x the exact bound or more (README:
+    only: on the same unit-scale latents the round trip misses z0 by 100x the exact bound or more (docs/usage.md:
     4e-2, 1.4e-2, 5e-3), less with more steps."""
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     model = perfect_denoiser(z0, "epsilon")
@@ -206,7 +205,7 @@ def edits(setup, trained, out, *extra):
 
 @pytest.fixture(scope="module")
 def plain(setup, trained):
-    """η = 0, no slerp, inversion: the README's deterministic case."""
+    """η = 0, no slerp, inversion: docs/usage.md's deterministic case."""
     return edits(setup, trained, setup / "plain")
 
 

@@ -19,8 +19,6 @@ from safetensors.torch import load_file
 
 import sample
 import sd
-import shifts
-import svdiff
 import tiny
 import unet as unet_lib
 from conftest import random_deltas_, require_bpe_vocab

@@ -12,7 +12,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sd
-import svdiff
 import tiny
 from support import fast_layer, fingerprint, loading, svd_cache
 

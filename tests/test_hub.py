@@ -17,11 +17,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import hub as hub_ids
 import sd
 from conftest import ROOT, photo, require_bpe_vocab
 from fakehub import FakeHub
-from support import loading, train_args
+from support import hub as hub_ids
+from support import loading
 
 MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -206,7 +206,7 @@ def test_an_sdxl_repo_fetches_both_text_encoders_and_tokenizers_only_then_loads_
 
 
 
-RESOLVE = ("import sys; sys.path.insert(0, {root!r}); import train; "
+RESOLVE = ("import sys; sys.path.insert(0, {root!r}); import train; from support import train_args; "
            "a = train_args.resolve(train_args.parse(['--images', 'dog', '--token', 'sks', '--model', sys.argv[1]], train.Settings())); "
            "print(a.resolution, a.grad_checkpointing)")
 

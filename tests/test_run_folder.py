@@ -13,10 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import shifts
 import train
 from conftest import ROOT, photo, tiny_model_folder
-from support import run_folder, shift_files, train_args
+from support import shift_files, train_args
 
 
 @pytest.fixture(scope="module")

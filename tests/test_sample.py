@@ -11,10 +11,8 @@ from PIL import Image
 
 import sample
 import sd
-import shifts
-import svdiff
 import tiny
-from support import fast_layer, files, fingerprint, loading, shift_files
+from support import fast_layer, fast_svd, fingerprint, loading, shift_files
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -168,8 +166,8 @@ def test_sample_config_holds_the_resolved_arguments(shifted, tmp_path):
 
 def test_svd_cache_is_written_by_the_first_shifts_run_and_reused_by_the_next(shifted, tmp_path, monkeypatch):
     calls = []
-    svd = svdiff.svd
-    monkeypatch.setattr(svdiff, "svd", lambda w: calls.append(1) or svd(w))
+    svd = fast_svd.svd
+    monkeypatch.setattr(fast_svd, "svd", lambda w: calls.append(1) or svd(w))
     cache = tmp_path / "svd.safetensors"
     args = ["--num-images", 1, "--shifts", shifted / "shifts.safetensors", "--svd-cache", cache]
     first = run_sample(shifted, tmp_path / "first", *args)

@@ -15,11 +15,10 @@ from PIL import Image
 import ddim
 import edit
 import sd
-import shifts
 import svdiff
 import tiny
 import train
-from support import edit_args, fingerprint, images, loading, shift_files, train_args
+from support import edit_args, fingerprint, loading, photos, shift_files, train_args
 import vae as vae_lib
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
@@ -74,7 +73,7 @@ def expected_crop(h, w, resolution=R):
 
 
 def test_load_image_gives_each_images_original_size_and_crop_corners(xl, tmp_path):
-    images, _, crops = images.load_image_folder(xl / "dog", R)
+    images, _, crops = photos.load_image_folder(xl / "dog", R)
     assert [tuple(c) for c in crops] == [expected_crop(h, w) for h, w in SIZES]
     # the corners are where the pixels come from: the unresized image, and its mirror image for a flipped draw
     original = torch.from_numpy(np.array(Image.open(xl / "dog" / "0.png"))).permute(2, 0, 1).float() / 127.5 - 1
@@ -86,13 +85,13 @@ def test_load_image_gives_each_images_original_size_and_crop_corners(xl, tmp_pat
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.open(xl / "dog" / "0.png").save(tmp_path / "turned.jpg", exif=exif)
-    _, crop, _ = images.load_image(tmp_path / "turned.jpg", R)
+    _, crop, _ = photos.load_image(tmp_path / "turned.jpg", R)
     assert tuple(crop) == expected_crop(101, 64)
     # sizes where torchvision's truncation and rounding differ from round() and floor: a longer side of 96.67 ->
     # 96 (margin 32 -> 16), margins 31 -> 16 and 33 -> 16 (half to even), an upscaled 45 x 71 -> 64 x 100
     for h, w in [(96, 145), (128, 190), (64, 97), (45, 71), (145, 96)]:
         Image.new("RGB", (w, h), (90, 120, 30)).save(tmp_path / "size.png")
-        assert tuple(images.load_image(tmp_path / "size.png", R)[1]) == expected_crop(h, w)
+        assert tuple(photos.load_image(tmp_path / "size.png", R)[1]) == expected_crop(h, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,7 +104,7 @@ def test_each_rows_time_ids_are_its_own_images_original_size_and_crop_flipped_or
     whether flipped. Instance rows: that image's original size and crop corner (the mirrored one when flipped);
     class rows, generated at R x R (prior preservation on SDXL makes them): (R, R) and (0, 0); target (R, R)."""
     out = tmp_path / "run"
-    a = resolved(*args(xl, out, "--steps", 4, "--batch-size", 2, "--flip", "--num-class-images", 2,
+    a = resolved(*args(xl, out, "--steps", 5, "--batch-size", 2, "--flip", "--num-class-images", 2,
                        "--class-steps", 1, "--no-grad-checkpointing", "--seed", 1))
     real_encode, real_prompts, real_noise = vae_lib.VAE.encode, sd.encode_prompts, ddim.add_noise
     monkeypatch.setattr(vae_lib.VAE, "encode", lambda self, x: (real_encode(self, x)[0],
@@ -125,7 +124,7 @@ def test_each_rows_time_ids_are_its_own_images_original_size_and_crop_flipped_or
     # both text encoders train with the UNet (and the model comes back in eval mode)
     assert [calls[i + 1][2] for i, (kind, *_) in enumerate(calls) if kind == "z"] == [(True, True, True)] * 5
     assert modes(model) == (False, False, False)
-    images, _, _ = images.load_image_folder(xl / "dog", R)
+    images, _, _ = photos.load_image_folder(xl / "dog", R)
     with torch.no_grad():
         means = torch.stack([torch.cat([model.vae.encode(x[None])[0], model.vae.encode(x[None].flip(-1))[0]])
                              for x in images]) * model.vae.cfg.scaling_factor  # [image, flipped, 4, 8, 8]
@@ -177,7 +176,7 @@ def fixed_loss(xl, shift_file=None):
     the trained shifts."""
     from conftest import load_with_shifts
     model = load_with_shifts(xl / "model.safetensors", shift_file)
-    images, _, crops = images.load_image_folder(xl / "dog", R)
+    images, _, crops = photos.load_image_folder(xl / "dog", R)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images))[0].repeat(3, 1, 1, 1) * model.vae.cfg.scaling_factor
@@ -262,7 +261,7 @@ def test_cutmix_on_sdxl_separates_attention_at_the_levels_that_have_it(xl, tmp_p
                         real_prompts(model, prompts, **s))
     train.train(a)
     monkeypatch.undo()
-    assert len(maps) == 3  # two steps and the last pass
+    assert len(maps) == 2  # one per step
     for probs in maps:
         assert {p.shape[2] for _, p in probs} == {4 * 4, 2 * 2}
         assert not any(name.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.6.", "output_blocks.7.",
@@ -305,7 +304,7 @@ def test_edit_on_sdxl_fine_tunes_inverts_and_samples_with_the_images_sizes(xl, t
     monkeypatch.undo()
     original, corner, _ = expected_crop(*SIZES[0])
     kinds = [k for k, _ in seen]
-    assert kinds.count("prompt") == 3 + 2 and kinds.count("negative") == 1  # 2 steps + last pass; invert; sample
+    assert kinds.count("prompt") == 2 + 2 and kinds.count("negative") == 1  # 2 steps; invert; sample
     for _, s in seen:
         assert torch.as_tensor(s["original_size"]).reshape(-1, 2).tolist() == [list(original)]
         assert torch.as_tensor(s["crop_top_left"]).reshape(-1, 2).tolist() == [list(corner)]

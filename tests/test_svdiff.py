@@ -346,7 +346,7 @@ def sdxl_on_meta():
 
 
 def test_sdxl_counts_are_those_of_its_architecture():
-    """`all` = 1,520,706 floats (README): UNet 1,203,880 + ViT-L 68,429 + bigG 248,397, each equal to a count over
+    """`all` = 1,520,706 floats (docs/models.md): UNet 1,203,880 + ViT-L 68,429 + bigG 248,397, each equal to a count over
     diffusers'/transformers' own modules of the same architecture, less what SDXL does not run (ViT-L's last layer
     and final norm) and what our layout fuses (bigG's q/k/v: one matrix of min(3C, C) = C values, not three of C)
     or keeps as a bare parameter (bigG's text_projection: not shifted)."""
@@ -375,7 +375,7 @@ def test_sdxl_counts_are_those_of_its_architecture():
 
 
 def test_sdxl_all_shift_file_size_and_info(tmp_path, capsys):
-    """Every δ of SDXL `all` in fp32 with the single file's key names: 5.98 MiB (README), half in fp16; `shifts.py
+    """Every δ of SDXL `all` in fp32 with the single file's key names: 5.98 MiB (docs/models.md), half in fp16; `shifts.py
     info` counts them per component."""
     model = sdxl_on_meta()
     size, half_size = write_all_shifts(model, tmp_path)

@@ -11,8 +11,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import sd
-import shifts
-import svdiff
 import tiny
 from conftest import require_bpe_vocab
 from support import apply_shifts, fast_layer, shift_files, svdiff_pytorch
@@ -128,8 +126,8 @@ def test_sd2_text_qkv_shifted_by_both_kinds_of_file_is_refused(files, tmp_path):
     either."""
     _, base, _, path = files
     model = sd.load(base, vocab=require_bpe_vocab())
-    fast_layer.add_spectral_shifts(model, keys={"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"},
-                               progress=False)
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    fast_layer.add_spectral_shifts(model, names={shift_files.names_by_key(model)[key]}, progress=False)
     shift_files.save_shift_file(model, tmp_path / "ours.safetensors")
     with pytest.raises(ValueError, match="in_proj_weight: shifted by an svdiff shift file and, as q/k/v"):
         apply_shifts.apply_shift_files(sd.load(base, vocab=require_bpe_vocab()),

@@ -14,11 +14,10 @@ from PIL import Image
 
 import ddim
 import sd
-import shifts
 import svdiff
 import tiny
 import train
-from support import fingerprint, images, loading, shift_files, train_args
+from support import fingerprint, photos, shift_files, train_args
 
 ROOT = tiny.Path(tiny.__file__).resolve().parents[1]
 
@@ -50,7 +49,7 @@ def instance_loss(setup, shift_file=None, model=None):
     timesteps, with or without the trained shifts."""
     from conftest import load_with_shifts
     model = load_with_shifts(model or setup / "model", shift_file)
-    images, _, _ = images.load_image_folder(setup / "dog", 64)
+    images, _, _ = photos.load_image_folder(setup / "dog", 64)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         z = model.vae.encode(torch.stack(images))[0].repeat(4, 1, 1, 1) * model.vae.cfg.scaling_factor
@@ -184,23 +183,27 @@ def diverge_at(monkeypatch, step, value):
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_diverge)
 
 
-@pytest.mark.parametrize("value,words", [(1e30, "loss became"), (float("nan"), "δ became non-finite at step 3")])
-def test_a_diverging_run_keeps_the_last_shift_file_whose_delta_and_loss_were_finite(setup, monkeypatch, value, words):
-    """δ_3 = 1e30 is finite but gives an infinite loss; δ_3 = NaN is caught before any save. Either way the kept
-    file is step 2's, bit-exact as a clean 2-step run's."""
+@pytest.mark.parametrize("value,words,kept", [(1e30, "loss became", 3), (float("nan"), "δ became non-finite at step 3", 2)])
+def test_a_diverging_run_stops_saying_so_and_only_finite_shifts_are_ever_saved(setup, monkeypatch, value, words, kept):
+    """δ_3 = 1e30 is finite (saved as step 3) but gives an infinite loss at step 4: the run stops, and says the kept
+    file holds those shifts. δ_3 = NaN is caught before any save: the kept file is step 2's, bit-exact as a clean
+    2-step run's."""
     clean = setup / "clean2"
     if not (clean / "resume.pt").is_file():
         assert run(*common(setup, clean, 2, "--save-every", 1)).returncode == 0
     out = setup / f"diverged-{value}"
-    a = train_args.resolve(train_args.parse(list(map(str, common(setup, out, 5, "--save-every", 1, "--overwrite"))), train.Settings()))
+    a = train_args.resolve(train_args.parse(list(map(str, common(setup, out, 5, "--save-every", 1, "--overwrite"))),
+                                            train.Settings()))
     diverge_at(monkeypatch, 3, value)
     with pytest.raises(ValueError, match=words) as e:
         train.train(a)
-    assert "step 2" in str(e.value)  # the message names the kept file's step
+    assert f"step {kept}" in str(e.value)  # the message names the kept file's step
+    assert ("holds those very shifts" in str(e.value)) == (kept == 3)
     tensors, meta = shift_files.read_shift_file(out / "shifts.safetensors")
-    assert meta["step"] == "2" and torch.load(out / "resume.pt", weights_only=True)["step"] == 2
+    assert meta["step"] == str(kept) and torch.load(out / "resume.pt", weights_only=True)["step"] == kept
+    assert all(torch.isfinite(t).all() for t in tensors.values())
     reference, _ = shift_files.read_shift_file(clean / "shifts.safetensors")
-    assert all(torch.equal(tensors[k], reference[k]) for k in reference)
+    assert all(torch.equal(tensors[k], reference[k]) for k in reference) == (kept == 2)
 
 
 def test_sd2_v_prediction_trains_on_the_v_target_and_lowers_the_v_loss(setup, tmp_path, monkeypatch):
@@ -285,9 +288,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(setup, tmp_path, case, w
         assert cache.read_bytes() == kept
     if case != "nan":
         assert not out.exists()
-    else:  # no shift file whose δ gave a finite loss existed yet, so none was written
-        assert "stopped" in errors[0] and "No shift file" in errors[0]
-        assert not (out / "shifts.safetensors").exists()
+    else:  # δ_1 = ±1e30 is finite, so step 1 was saved; the line says that file holds the shifts that failed
+        assert "stopped" in errors[0] and "(step 1), holds those very shifts" in errors[0]
 
 
 def test_common_word_token_warns(setup, tmp_path):
@@ -378,7 +380,7 @@ def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monke
         if caption:
             (tmp_path / "dog" / f"{i}.txt").write_text(caption)
     a = train_args.resolve(train_args.parse(list(map(str, [
-        "--images", tmp_path / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 3,
+        "--images", tmp_path / "dog", "--token", "sks", "--model", setup / "model", "--resolution", 64, "--steps", 4,
         "--batch-size", 2, "--no-prior", "--sample-every", 0, "--seed", 1, "--out", tmp_path / "out"]
         + ["--no-captions"] * no_captions)), train.Settings()))
     real_encode, real_prompts, real_noise = vae_lib.VAE.encode, sd.encode_prompts, ddim.add_noise
@@ -390,7 +392,7 @@ def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monke
                         real_prompts(model, prompts, **sizes))
     model = train.train(a)
     monkeypatch.undo()
-    images, _, _ = images.load_image_folder(tmp_path / "dog", 64)
+    images, _, _ = photos.load_image_folder(tmp_path / "dog", 64)
     with torch.no_grad():
         means = torch.cat([model.vae.encode(x[None])[0] for x in images]) * model.vae.cfg.scaling_factor
     drawn = []
@@ -405,7 +407,7 @@ def test_each_row_is_prompted_with_its_own_images_caption(setup, tmp_path, monke
 def test_shifts_and_samples_are_written_every_n_steps_and_at_the_end(setup, tmp_path, monkeypatch):
     saved = []
     real_save = shift_files.save_shift_file
-    monkeypatch.setattr(shifts, "save_shift_file", lambda *args, step, **kw: saved.append(step) or
+    monkeypatch.setattr(shift_files, "save_shift_file", lambda *args, step, **kw: saved.append(step) or
                         real_save(*args, step=step, **kw))
     train.train(train_args.resolve(train_args.parse(list(map(str, common(setup, tmp_path / "out", 5, "--save-every", 2,
                                                                     "--sample-every", 2, "--sample-steps", 1))), train.Settings())))
@@ -432,7 +434,7 @@ def test_each_draw_is_a_sample_of_the_vae_posterior_times_its_scale(setup, tmp_p
     monkeypatch.undo()
     scale = model.vae.cfg.scaling_factor
     with torch.no_grad():
-        mean = model.vae.encode(images.load_image_folder(tmp_path / "one", 64)[0][0][None])[0]
+        mean = model.vae.encode(photos.load_image_folder(tmp_path / "one", 64)[0][0][None])[0]
     deviation = torch.cat(drawn) / scale - mean
     assert abs(deviation.mean()) < 0.05 and abs(deviation.std() - 0.5) < 0.05, (deviation.mean(), deviation.std())
 

@@ -4,7 +4,6 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-import sd
 import tiny
 from support import loading
 import vae as vae_lib

@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import clip_text
-import sd
-from support import checkpoint, loading
+from support import loading
 import unet as unet_lib
 import vae as vae_lib
 
