@@ -72,6 +72,7 @@ class Settings:
     # outputs
     out: str = None              # default runs/{token}
     save_every: int = 100
+    keep_every: int = 0          # also keep step-NNNNN.safetensors every N steps, for eval.py to compare (0: none)
     half: bool = False           # the shift file in fp16
     sample_every: int = 100      # sample grids (0: none)
     sample_prompt: str = None
@@ -195,6 +196,8 @@ def train(a: Settings, instances=None):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % a.save_every == 0 or step == a.steps:
                 run_folder.save_step(model, out, step, optimizer, scaler, gen, a)
+            if a.keep_every and (step % a.keep_every == 0 or step == a.steps):
+                run_folder.keep_step(model, out, step, a)
             if a.sample_every and (step % a.sample_every == 0 or step == a.steps):
                 set_train(model, False)
                 write_samples(model, out, step, a.sample_prompt or sample_prompt(a, instance_prompts[0][0]), a)

@@ -9,6 +9,7 @@ stops at the end of a step and saves it.
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import sys
@@ -26,10 +27,11 @@ CONFIG = "config.json"
 # decides what is trained (the images and prompts, the model, the resolution, the optimiser, the seed, ...), so a
 # value that differs from the run's is refused rather than silently mixed into it. --dtype and
 # --grad-checkpointing change rounding and memory, not the method, as --device does.
-MAY_CHANGE = {"steps", "save_every", "sample_every", "sample_prompt", "sample_steps", "device", "dtype",
+MAY_CHANGE = {"steps", "save_every", "keep_every", "sample_every", "sample_prompt", "sample_steps", "device", "dtype",
               "grad_checkpointing", "svd_cache", "half"}
 NOT_SETTINGS = {"resume", "overwrite", "out", "given"}  # how this command runs, not what the run is
-PATHS = {"images", "class_dir", "vocab"}  # compared as the files they name, not as typed (runs/x is ./runs/x/)
+PATHS = {"images", "class_dir", "vocab"}
+KEPT = re.compile(r"step-(\d{5,})\.safetensors(\.tmp)?")  # --keep-every's numbered shift files  # compared as the files they name, not as typed (runs/x is ./runs/x/)
 
 
 def holds_run(out: Path) -> bool:
@@ -42,7 +44,7 @@ def only_run_files(out: Path) -> bool:
     """Is `out` new, empty, or holding only what a run writes before its first save? (Such a folder, a run stopped
     early, is started afresh; a folder of other files is not written into.)"""
     ours = {CONFIG, "log.jsonl", "class_images", "samples", "shifts.safetensors.tmp", "resume.pt.tmp"}
-    return not out.is_dir() or all(p.name in ours for p in out.iterdir())
+    return not out.is_dir() or all(p.name in ours or KEPT.fullmatch(p.name) for p in out.iterdir())
 
 
 def write_config(a, out: Path):
@@ -114,8 +116,18 @@ def start(model, out: Path, a, optimizer, scaler, gen) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("log.jsonl", "shifts.safetensors", "resume.pt"):
             (out / stale).unlink(missing_ok=True)
+    for kept_file in out.iterdir():  # numbered files of steps to be trained (again) are not this run's
+        m = KEPT.fullmatch(kept_file.name)
+        if m and int(m[1]) > step:
+            kept_file.unlink()
     write_config(a, out)
     return step
+
+
+def keep_step(model, out: Path, step: int, a):
+    """--keep-every: the shift file of `step` kept as step-NNNNN.safetensors beside the run's latest."""
+    shift_files.save_shift_file(model, out / f"step-{step:05d}.safetensors", half=a.half, subset=a.subset,
+                                rank=a.rank, step=step)
 
 
 def save_step(model, out: Path, step: int, optimizer, scaler, gen, a):

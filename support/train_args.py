@@ -66,6 +66,8 @@ def parser(defaults):
                         "per step (default: on for SDXL, off for SD 1.x/2.x)")
     p.add_argument("--out", help="output folder (default runs/{token})")
     p.add_argument("--save-every", type=int, help="write the shift file and resume.pt every N steps")
+    p.add_argument("--keep-every", type=int, help="also keep the shift file of every N-th step (and the last) as "
+                   "step-NNNNN.safetensors, for eval.py to compare (0: none)")
     p.add_argument("--half", action="store_true", help="store the shift file in fp16 (half the size)")
     p.add_argument("--sample-every", type=int, help="sample grid every N steps and at the end (0: none)")
     p.add_argument("--sample-prompt", help="prompt of the sample grids (default: the instance prompt; with several "
@@ -73,7 +75,7 @@ def parser(defaults):
     p.add_argument("--sample-steps", type=int, help="DDIM steps of the sample grids")
     p.add_argument("--resume", nargs="?", const=True, metavar="RUN",
                    help="continue the run in folder RUN (default: --out) from its last saved step, with the settings "
-                        "of its config.json; only --steps, --save-every, --sample-every, --sample-prompt, "
+                        "of its config.json; only --steps, --save-every, --keep-every, --sample-every, --sample-prompt, "
                         "--sample-steps, --device, --dtype, --grad-checkpointing, --svd-cache and --half may change")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --out")
     p.set_defaults(**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if f.name != "given"})
@@ -122,6 +124,8 @@ def check_args(a):
                              f"finite number, got {getattr(a, name)}")
     if a.sample_every < 0:
         raise ValueError("--sample-every must be at least 0 (0: no sample grids)")
+    if a.keep_every < 0:
+        raise ValueError("--keep-every must be at least 0 (0: keep no numbered shift files)")
     if a.subset not in svdiff.SUBSETS:
         raise ValueError(f"--subset {a.subset!r} is not one of {', '.join(svdiff.SUBSETS)}")
     cli.check_device(a.device)

@@ -174,3 +174,26 @@ def test_class_images_of_another_resolution_or_class_prompt_are_made_anew_and_sa
     (class_dir / "dog" / "made_for.json").unlink()
     r = run(*common, "--resolution", 32, "--out", tmp_path / "e")
     assert r.returncode == 0 and "which record no base model, resolution or prompt" in r.stderr, r.stderr[-2000:]
+
+
+def test_keep_every_keeps_each_nth_steps_shift_file_and_the_last(setup, tmp_path):
+    """--keep-every 2 over 5 steps: step-00002, -00004 and -00005.safetensors, each the shift file of its step
+    (step 2's bit-exact as a 2-step run's), the last equal to shifts.safetensors; a fresh run in the folder drops
+    an earlier run's numbered files."""
+    out, two = tmp_path / "kept", tmp_path / "two"
+    common = ["--no-prior", "--lr", "5e-3"]
+    assert run(*flags(setup, two, 2, *common)).returncode == 0
+    (out).mkdir()
+    (out / "step-00009.safetensors").write_bytes(b"an earlier run's")
+    r = run(*flags(setup, out, 5, *common, "--keep-every", 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00002.safetensors", "step-00004.safetensors",
+                                                          "step-00005.safetensors"]
+    for step in (2, 4, 5):
+        assert shift_files.read_shift_file(out / f"step-{step:05d}.safetensors")[1]["step"] == str(step)
+    kept2, _ = shift_files.read_shift_file(out / "step-00002.safetensors")
+    ref2, _ = shift_files.read_shift_file(two / "shifts.safetensors")
+    last, _ = shift_files.read_shift_file(out / "shifts.safetensors")
+    kept5, _ = shift_files.read_shift_file(out / "step-00005.safetensors")
+    assert all(torch.equal(kept2[k], ref2[k]) for k in ref2) and all(torch.equal(kept5[k], last[k]) for k in last)
+    assert any(not torch.equal(kept2[k], kept5[k]) for k in last)
