@@ -12,6 +12,10 @@ compatibility, one idea per file. Nothing here imports the commands or sd.py.
     loading.py        the two layouts SD weights come in (single file, diffusers folder), read into our modules
     checkpoint.py     tensors read one at a time from .safetensors / .ckpt / .bin; the digests of the weights
     hub.py            Hugging Face Hub ids: only the files a run reads, from the cache when it has them
+    hf_folder.py      a transformers model folder (local or from the Hub) read into our modules, configs judged first
+    image_processing.py  images -> pixel values as a preprocessor_config.json says (CLIP's, ViT's processors)
+    clip_image.py     CLIP's image and text features (CLIP-I, CLIP-T), as CLIPModel.get_*_features
+    dino.py           DINO ViT-S/16's [CLS] features (DreamBooth's DINO score), as ViTModel
     photos.py         the training photos and class images as tensors (any format, EXIF, crops); the class cache
     latents.py        the training examples' latents: the VAE once, a posterior draw per step, SDXL's crop sizes
     run_folder.py     a run's folder: config.json for --resume, the saved step, log.jsonl, Ctrl-C

@@ -149,15 +149,17 @@ def _foreign_repo(files) -> str | None:
     return "no diffusers pipeline (no unet/ folder)"
 
 
-def _hub_error(spec: str, e: Exception, downloading: bool) -> str | None:
-    """One line for an error met on the way to the Hub (None for one that is not about the Hub)."""
+def _hub_error(spec: str, e: Exception, downloading: bool, local: str = "a local single file or diffusers folder",
+               example: str = DEFAULT_MODEL) -> str | None:
+    """One line for an error met on the way to the Hub (None for one that is not about the Hub); `local` is what
+    may be passed instead of a Hub id, `example` a valid id of the kind wanted."""
     from huggingface_hub import constants, errors
     repo_id = spec.partition("@")[0]
     response = getattr(e, "response", None)
     status = getattr(response, "status_code", None)
     hub = f"the Hub ({constants.ENDPOINT})"
     cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    local = "or pass a local single file or diffusers folder"
+    local = f"or pass {local}"
     detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
     network = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3") or \
         isinstance(e, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError))
@@ -168,7 +170,7 @@ def _hub_error(spec: str, e: Exception, downloading: bool) -> str | None:
     if isinstance(e, errors.RepositoryNotFoundError):
         private = "; if it is private or gated, set HF_TOKEN" if status == 401 else ""
         return (f"{spec}: no such file or folder, and {hub} has no model repo of that name (HTTP {status}){private}; "
-                f"check the id, e.g. {DEFAULT_MODEL}")
+                f"check the id, e.g. {example}")
     if isinstance(e, errors.RevisionNotFoundError):
         return f"{spec}: the repo has no revision {spec.partition('@')[2]!r}; name a branch, tag or commit of it"
     if isinstance(e, errors.OfflineModeIsEnabled) or (network and constants.HF_HUB_OFFLINE):
@@ -225,6 +227,84 @@ def resolve_model(spec: str, half: bool = False) -> tuple[Path, str]:
         folder = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:
         message = _hub_error(spec, e, downloading=True)
+        if message is None:
+            raise
+        raise ValueError(message) from None
+    return folder, f"{repo_id}@{folder.name}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any transformers model repo (the evaluation's CLIP and DINO)
+
+
+def _repo_patterns(names, files: tuple[str, ...], stems: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(allow_patterns for snapshot_download, what the repo lacks) for `files` and, where `stems` are given, the one
+    set of weights `pick_weights` chooses among the repo's root files (a shard index brings its shards)."""
+    names = set(names)
+    patterns, missing = [f for f in files if f in names], [f for f in files if f not in names]
+    if stems:
+        name = pick_weights({n for n in names if "/" not in n}, stems, half=False)
+        if name is None:
+            missing.append(f"{stems[0]}.safetensors or {stems[-1]}.bin")
+        else:
+            patterns.append(name)
+            if name.endswith(".json"):  # {stem}.{ext}.index{variant}.json: shards {stem}{variant}-*-of-*.{ext}
+                stem, ext, index = name.removesuffix(".json").split(".", 2)
+                patterns.append(f"{stem}{index.removeprefix('index')}-*-of-*.{ext}")
+    return patterns, missing
+
+
+def _has_repo_files(folder: Path, files: tuple[str, ...], stems: tuple[str, ...]) -> bool:
+    try:
+        return all((folder / f).is_file() for f in files) and \
+            (not stems or all(p.is_file() for p in weights_file(folder, stems)))
+    except (ValueError, OSError):  # no weights yet, or an unreadable shard index
+        return False
+
+
+def resolve_repo(spec: str, files: tuple[str, ...], stems: tuple[str, ...] = (), *, what: str, example: str,
+                 local: str = "a local model folder") -> tuple[Path, str]:
+    """A Hub id "owner/name[@revision]" of a transformers model repo -> (its snapshot folder in the Hugging Face
+    cache, "owner/name@commit"), holding `files` (names at the repo's root) and, when `stems` are given (e.g.
+    ("model", "pytorch_model")), one set of weights as `pick_weights` chooses it: safetensors before a .bin, a shard
+    index with its shards. Nothing else of the repo is fetched (not its TF/Flax/ONNX copies, nor a .bin beside a
+    .safetensors). For the messages: `what` is the kind of repo wanted, `example` an id of that kind, `local` what
+    may be passed instead.
+
+    As `resolve_model`: the cache first, with no request; else huggingface_hub (imported only here) fetches those
+    files; errors are one line (ValueError). A repo that lacks one of them is refused before anything is fetched.
+    Call it once for the configs, judge them, then again with the returned "owner/name@commit" and the weights:
+    nothing heavy is fetched for a repo of the wrong kind, and both calls read the same commit."""
+    ids = split_repo_id(spec)
+    if ids is None:
+        raise ValueError(f"{spec}: no such folder, and not a Hugging Face Hub id (owner/name[@revision]); pass "
+                         f"{local} or the Hub id of {what}, e.g. {example}")
+    repo_id, revision = ids
+    try:
+        import huggingface_hub as hf
+    except ImportError:
+        raise ValueError(f"{spec}: no such folder; to load it from the Hugging Face Hub, pip install "
+                         "huggingface_hub") from None
+    cached = hf.try_to_load_from_cache(repo_id, files[0], revision=revision)
+    if isinstance(cached, str):
+        folder = Path(cached).parents[files[0].count("/")]
+        if _has_repo_files(folder, files, stems):
+            return folder, f"{repo_id}@{folder.name}"
+    errors = dict(local=local, example=example)
+    try:
+        names = [s.rfilename for s in hf.HfApi().model_info(repo_id, revision=revision).siblings or []]
+    except Exception as e:
+        message = _hub_error(spec, e, downloading=False, **errors)
+        if message is None:
+            raise
+        raise ValueError(message) from None
+    patterns, missing = _repo_patterns(names, files, stems)
+    if missing:
+        raise ValueError(f"{spec}: not {what}: the repo has no {', '.join(missing)} at its root")
+    try:
+        folder = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        message = _hub_error(spec, e, downloading=True, **errors)
         if message is None:
             raise
         raise ValueError(message) from None

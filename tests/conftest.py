@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))          # the program's flat modules: unet, vae, 
 sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: tiny random SD models in both layouts
 
 BPE_VOCAB = ROOT / "bpe_simple_vocab_16e6.txt.gz"  # shipped with the project (clip_text.BPE_VOCAB)
+PHOTOS = ROOT / "tests" / "photos"  # three real DreamBooth photos of different sizes (tests/photos/README.md)
 
 
 def missing_fixture(reason):
