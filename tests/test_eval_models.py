@@ -5,61 +5,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
 import tiny
 from conftest import PHOTOS, ROOT, require_bpe_vocab
 from fakehub import FakeHub
 from support import clip_image, dino
 
-# The repos' preprocessor configs (tests/test_image_processing.py) at the tiny models' 32 px
-CLIP_PREPROCESS = {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-                   "feature_extractor_type": "CLIPFeatureExtractor", "resample": 3, "size": 32,
-                   "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
-DINO_PREPROCESS = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
-                   "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2, "size": 32}
 PROMPTS = ["", "dog", "a photo of sks dog", "a sks backpack on top of a purple rug in a forest, seen from above",
            "a red teapot " * 30]  # the last is cut to 77 tokens, as transformers' truncation cuts it
-
-
-def tiny_clip(act: str) -> CLIPModel:
-    """A random CLIPModel of 32 px images in 8 px patches; the text tower keeps CLIP's real vocabulary."""
-    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
-                  patch_size=8, hidden_act=act)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act=act)
-    return tiny.randomize_(CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)), 21)
-
-
-def tiny_vit() -> ViTModel:
-    """A random ViTModel as DINO's (gelu, qkv bias), WITH transformers' pooler, whose weights the file then holds."""
-    cfg = ViTConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
-                    patch_size=8)
-    return tiny.randomize_(ViTModel(cfg), 22)
-
-
-def save(model, folder: Path, preprocess: dict, bin_too=True) -> Path:
-    """save_pretrained (model.safetensors), the repo's preprocessor_config.json; and a copy of the folder whose weights
-    are pytorch_model.bin as transformers 4 pickled it, position_ids buffers included."""
-    model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocess))
-    if bin_too:
-        old = folder.with_name(folder.name + "-bin")
-        old.mkdir()
-        state = load_file(folder / "model.safetensors")
-        for prefix in ("text_model.", "vision_model."):
-            if any(k.startswith(prefix) for k in state):
-                n = len(state[f"{prefix}embeddings.position_embedding.weight"])
-                state[f"{prefix}embeddings.position_ids"] = torch.arange(n)[None]
-        torch.save(state, old / "pytorch_model.bin")
-        for f in ("config.json", "preprocessor_config.json"):
-            (old / f).write_text((folder / f).read_text())
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +31,14 @@ def photos():
 @pytest.fixture(scope="module")
 def clip_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
-    return {act: (model, save(model, root / act, CLIP_PREPROCESS))
-            for act, model in (("quick_gelu", tiny_clip("quick_gelu")), ("gelu", tiny_clip("gelu")))}
+    return {act: (model, tiny.save_transformers(model, root / act, tiny.CLIP_PREPROCESS))
+            for act, model in (("quick_gelu", tiny.tiny_clip("quick_gelu")), ("gelu", tiny.tiny_clip("gelu")))}
 
 
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
-    model = tiny_vit()
-    return model, save(model, tmp_path_factory.mktemp("vit") / "dino", DINO_PREPROCESS)
+    model = tiny.tiny_vit()
+    return model, tiny.save_transformers(model, tmp_path_factory.mktemp("vit") / "dino", tiny.DINO_PREPROCESS)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +130,7 @@ def test_a_path_that_is_neither_a_folder_nor_a_hub_id_is_one_line(tmp_path):
 def test_a_folder_whose_preprocessing_does_not_fit_the_model_is_refused(vit, tmp_path):
     for f in ("config.json", "model.safetensors"):
         (tmp_path / f).symlink_to(vit[1] / f)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**DINO_PREPROCESS, "size": 224}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**tiny.DINO_PREPROCESS, "size": 224}))
     with pytest.raises(ValueError, match=r"makes images of \(224, 224\) pixels, but the model takes 32 x 32"):
         dino.load(str(tmp_path))
 

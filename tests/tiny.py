@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import clip_text
 from support import loading
@@ -362,3 +362,50 @@ def save_sdxl_folder(path: Path, oracle: dict, bpe_gz: Path, dtype=torch.float32
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation's models (eval.py: support/clip_image.py, support/dino.py), as transformers writes them
+
+# The repos' preprocessor configs (tests/test_image_processing.py) at the tiny models' 32 px
+CLIP_PREPROCESS = {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                   "feature_extractor_type": "CLIPFeatureExtractor", "resample": 3, "size": 32,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+DINO_PREPROCESS = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+                   "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2, "size": 32}
+
+
+def tiny_clip(act: str = "quick_gelu"):
+    """A random CLIPModel of 32 px images in 8 px patches; the text tower keeps CLIP's real vocabulary."""
+    from transformers import CLIPConfig, CLIPModel
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
+                  patch_size=8, hidden_act=act)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act=act)
+    return randomize_(CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)), 21)
+
+
+def tiny_vit():
+    """A random ViTModel as DINO's (gelu, qkv bias), WITH transformers' pooler, whose weights the file then holds."""
+    from transformers import ViTConfig, ViTModel
+    cfg = ViTConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=32,
+                    patch_size=8)
+    return randomize_(ViTModel(cfg), 22)
+
+
+def save_transformers(model, folder: Path, preprocess: dict, bin_too=True) -> Path:
+    """save_pretrained (model.safetensors), the repo's preprocessor_config.json; and a copy of the folder whose weights
+    are pytorch_model.bin as transformers 4 pickled it, position_ids buffers included."""
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocess))
+    if bin_too:
+        old = folder.with_name(folder.name + "-bin")
+        old.mkdir()
+        state = load_file(folder / "model.safetensors")
+        for prefix in ("text_model.", "vision_model."):
+            if any(k.startswith(prefix) for k in state):
+                n = len(state[f"{prefix}embeddings.position_embedding.weight"])
+                state[f"{prefix}embeddings.position_ids"] = torch.arange(n)[None]
+        torch.save(state, old / "pytorch_model.bin")
+        for f in ("config.json", "preprocessor_config.json"):
+            (old / f).write_text((folder / f).read_text())
+    return folder
