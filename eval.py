@@ -55,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--token", default=None, help="the subject's token (default: the run's)")
     p.add_argument("--class-word", default=None, help="the subject's class (default: the run's)")
     p.add_argument("--prompts", default=None, help="object, live (DreamBench's 25 each), or a file of prompts, one "
-                   "a line, each with {token} and {class} (default: live for a dog or a cat, DreamBench's live "
-                   "subjects, else object)")
+                   "a line, each with {token} and {class} (default: live for a dog, a cat, another animal or "
+                   "a person, else object)")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt and row (DreamBooth's 4)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -334,16 +334,18 @@ def table(results) -> str:
 
 
 def scatter(results, path: Path) -> bool:
-    """CLIP-T against DINO, a point per row (the base model's and each shift file's), where matplotlib is installed.
-    Returns whether the plot was written."""
+    """CLIP-T against DINO, a point per row (the base model's and each shift file's) with its standard errors, where
+    matplotlib is installed. Returns whether the plot was written."""
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5, 4))
     for row, r in results.items():
         if row != "real":
-            x, y = r["overall"]["clip_t"]["mean"], r["overall"]["dino"]["mean"]
-            ax.scatter(x, y, marker="s" if row == "base" else "o")
-            ax.annotate(row, (x, y), fontsize=8)
+            t, d = r["overall"]["clip_t"], r["overall"]["dino"]
+            ax.errorbar(t["mean"], d["mean"], xerr=t["se"], yerr=d["se"], fmt="s" if row == "base" else "o",
+                        capsize=2)  # ± one standard error
+            ax.annotate(row, (t["mean"], d["mean"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.locator_params(nbins=5)
     ax.set_xlabel("CLIP-T (prompt fidelity)")
     ax.set_ylabel("DINO (subject fidelity)")
     fig.tight_layout()

@@ -16,6 +16,7 @@ compatibility, one idea per file. Nothing here imports the commands or sd.py.
     image_processing.py  images -> pixel values as a preprocessor_config.json says (CLIP's, ViT's processors)
     clip_image.py     CLIP's image and text features (CLIP-I, CLIP-T), as CLIPModel.get_*_features
     dino.py           DINO ViT-S/16's [CLS] features (DreamBooth's DINO score), as ViTModel
+    dreambench.py     DreamBench's 25 object and 25 live-subject prompts (eval.py)
     photos.py         the training photos and class images as tensors (any format, EXIF, crops); the class cache
     latents.py        the training examples' latents: the VAE once, a posterior draw per step, SDXL's crop sizes
     run_folder.py     a run's folder: config.json for --resume, the saved step, log.jsonl, Ctrl-C

@@ -3,7 +3,11 @@
 class tokens. eval.py samples them; DreamBooth's own evaluation picks the list by the subject: its live subjects are
 its dogs and cats."""
 
-LIVE_CLASSES = ("dog", "cat")  # the dataset's live subjects' classes (its 9 dogs and cats)
+# The live-subject list's outfits and hats suit anything alive: the dataset's live subjects (its 9 dogs and cats), and
+# the other pets, animals and people users train on; any other class word gets the object list (--prompts chooses)
+LIVE_CLASSES = ("dog", "cat", "puppy", "kitten", "person", "man", "woman", "boy", "girl", "child", "baby", "bird",
+                "parrot", "horse", "rabbit", "bunny", "hamster", "guinea pig", "ferret", "fox", "bear", "monkey",
+                "lion", "tiger", "cow", "pig", "sheep", "goat", "duck", "chicken", "owl", "turtle", "lizard", "fish")
 
 OBJECT_PROMPTS = [
     'a {token} {class} in the jungle',

@@ -121,6 +121,21 @@ def test_the_metrics_equal_transformers_on_the_saved_images(setup, evaluated):
     assert (out / "sheet.png").is_file()
 
 
+def test_the_scatter_plot_is_written_where_matplotlib_is_and_the_rest_works_without_it(setup, evaluated, tmp_path):
+    """With matplotlib (requirements-dev.txt has it) scatter.png is written; in a Python where it cannot be imported,
+    the same run writes everything else and says how to get the plot."""
+    out, result = evaluated
+    assert eval_py.plt is not None and Image.open(out / "scatter.png").size[0] > 100
+    without = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['eval.py'] + sys.argv[1:]; "
+               f"sys.path.insert(0, {str(ROOT)!r}); runpy.run_path({str(ROOT / 'eval.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", without, *eval_args(setup, tmp_path / "out")], capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(pip install matplotlib for scatter.png)" in r.stdout
+    assert not (tmp_path / "out" / "scatter.png").exists() and (tmp_path / "out" / "sheet.png").is_file()
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["rows"] == result["rows"]
+
+
 def test_the_subject_and_live_prompts_come_from_the_run(setup, tmp_path):
     """--token, --class-word and --images from the run's config.json; a dog gets DreamBench's live-subject list,
     another class its object list."""
