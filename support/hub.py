@@ -186,14 +186,21 @@ def _hub_error(spec: str, e: Exception, downloading: bool, local: str = "a local
     return None
 
 
-def resolve_model(spec: str, half: bool = False) -> tuple[Path, str]:
+def _is_config(pattern: str) -> bool:
+    return pattern == "model_index.json" or pattern.endswith("/config.json")
+
+
+def resolve_model(spec: str, half: bool = False, configs_only: bool = False) -> tuple[Path, str]:
     """A Hub id "owner/name[@revision]" -> (its diffusers folder in the Hugging Face cache, "owner/name@commit").
 
     The cache comes first: a model already there (fetched by us, by diffusers or by transformers) loads with no
     network request at all. Else huggingface_hub (imported only here) downloads what `load` reads, `_hub_files`:
     the fp16 variant for a half-precision load (`half`) where the repo has one, else the fp32 files, with its progress
     bars, its cache layout and its environment (HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE).
-    A file enters the cache only once complete, so a cut-off download is never read; the next run fetches the rest."""
+    A file enters the cache only once complete, so a cut-off download is never read; the next run fetches the rest.
+    `configs_only`: model_index.json and the components' config.json alone (kilobytes: what `loading.peek_family`
+    reads), after the same checks of the repo; the later full resolve finds them in the cache, not fetching them
+    again."""
     ids = split_repo_id(spec)
     if ids is None:
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a Hugging Face Hub id (owner/name"
@@ -206,9 +213,10 @@ def resolve_model(spec: str, half: bool = False) -> tuple[Path, str]:
         raise ValueError(f"{spec}: no such file or folder; to load it from the Hugging Face Hub, "
                          "pip install huggingface_hub") from None
     cached = hf.try_to_load_from_cache(repo_id, "unet/config.json", revision=revision)
-    if isinstance(cached, str) and _complete(Path(cached).parents[1], half):
+    if isinstance(cached, str):
         folder = Path(cached).parents[1]
-        return folder, f"{repo_id}@{folder.name}"
+        if _complete(folder, half) or (configs_only and (folder / "text_encoder" / "config.json").is_file()):
+            return folder, f"{repo_id}@{folder.name}"
     try:
         files = [s.rfilename for s in hf.HfApi().model_info(repo_id, revision=revision).siblings or []]
     except Exception as e:
@@ -223,6 +231,8 @@ def resolve_model(spec: str, half: bool = False) -> tuple[Path, str]:
                        f"{', '.join(_weight_components(files))}" + \
                        (f"; SDXL also {', '.join(NEEDED_SDXL)})" if _is_sdxl(files) else ")")
         raise ValueError(f"{spec}: not an SD 1.x/2.x/XL diffusers repo: it looks like {what}")
+    if configs_only:
+        patterns = [p for p in patterns if _is_config(p)]
     try:
         folder = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:

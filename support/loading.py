@@ -351,11 +351,12 @@ def choose_model(model=None, shift_file=None) -> str:
 def peek_family(path, half: bool = False) -> str:
     """The family ("sd1", "sd2", "sdxl") of what `load(path)` loads, without loading it: a single file's tensor
     names and shapes (a .safetensors header, no tensor data; a .ckpt is memory-mapped where torch can), a folder's
-    layout and configs. A Hub id is resolved as `load`
-    resolves it (`half`: as `load`'s dtype would), so the files it fetches are in the cache when `load` comes and
-    nothing is downloaded twice. The scripts pick their family-dependent defaults with it (SDXL's 1024 px) before
-    anything is loaded; what is wrong with a file is `load`'s to say."""
-    path = Path(path) if Path(path).exists() else hub.resolve_model(str(path), half=half)[0]
+    layout and configs. Of a Hub id only the configs are fetched (kilobytes), after the checks `load` makes of the
+    repo, or none where the cache has the model (`half`: in `load`'s precision); `load` then fetches the weights and
+    finds the configs in the cache. The scripts pick their family-dependent defaults with it (SDXL's 1024 px), and
+    eval.py refuses shift files of another family, before gigabytes are fetched or loaded; what is wrong with a file
+    is `load`'s to say."""
+    path = Path(path) if Path(path).exists() else hub.resolve_model(str(path), half=half, configs_only=True)[0]
     if path.is_dir():
         return folder_family(path)
     return detect_family(checkpoint.TensorFile(path).shapes)

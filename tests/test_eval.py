@@ -244,9 +244,10 @@ def test_bad_input_is_one_line_before_any_model_is_fetched_or_sampled(setup, hub
         assert not (tmp_path / "out").exists()
 
 
-def test_a_shift_file_of_another_base_model_is_refused_before_sampling(setup, tmp_path):
-    """Another family: said from the file's header, before the model is loaded; another model of the same family
-    (the fingerprint, a digest of the weights): said once the weights are read, before any SVD or image."""
+def test_a_shift_file_of_another_base_model_is_refused_before_sampling(setup, hub, tmp_path):
+    """Another family: said from the model's header (a Hub id's configs), before the model is loaded (its weights
+    fetched); another model of the same family (the fingerprint, a digest of the weights): said once the weights are
+    read, before any SVD or image."""
     tiny.write_folder(tmp_path / "sd2", "sd2", require_bpe_vocab())
     sd2_file = shift_file(tmp_path / "sd2", tmp_path / "sd2.safetensors", seed=3)
     sd1_other = tmp_path / "sd1-other"
@@ -255,6 +256,11 @@ def test_a_shift_file_of_another_base_model_is_refused_before_sampling(setup, tm
              "--token", "sks", "--class-word", "dog", *SIZE, "--out", tmp_path / "out"]
     line = run_eval("--shifts", sd2_file, "--model", setup["model"], *small, env=os.environ, cwd=tmp_path)
     assert "shifts for an sd2 model, but" in line and "is sd1; pass the base model they were trained on" in line
+    hub.log.clear()
+    line = run_eval("--shifts", sd2_file, "--model", "org/tiny-sd", *small, env=hub_env(hub.url, tmp_path / "hf"),
+                    cwd=tmp_path)
+    assert "shifts for an sd2 model, but org/tiny-sd is sd1" in line
+    assert hub.requested("org/tiny-sd") == {"unet/config.json", "vae/config.json", "text_encoder/config.json"}
     line = run_eval("--shifts", setup["files"][0], "--model", sd1_other, *small, env=os.environ, cwd=tmp_path)
     assert "trained on a different base model (fingerprint" in line
     assert not (tmp_path / "out").exists()

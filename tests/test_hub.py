@@ -211,9 +211,9 @@ RESOLVE = ("import sys; sys.path.insert(0, {root!r}); import train; from support
            "print(a.resolution, a.grad_checkpointing)")
 
 
-def test_train_defaults_of_an_sdxl_hub_id_fetch_what_the_run_loads_so_nothing_is_fetched_twice(hub, tmp_path):
+def test_train_defaults_of_an_sdxl_hub_id_fetch_only_the_configs_and_nothing_is_fetched_twice(hub, tmp_path):
     """train.resolve needs the family (SDXL: 1024 px and gradient checkpointing) before anything is loaded: it
-    fetches the repo as the run's load reads it, and that load then makes no request."""
+    fetches the repo's configs alone (kilobytes), and the run's load then fetches the rest, not the configs again."""
     env = hub_env(hub.url, tmp_path / "hf")
     (tmp_path / "dog").mkdir()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "dog" / "0.png")  # (read before the fetch)
@@ -222,10 +222,12 @@ def test_train_defaults_of_an_sdxl_hub_id_fetch_what_the_run_loads_so_nothing_is
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split()[-2:] == ["1024", "True"]
-    assert hub.requested("org/tiny-sdxl") == FP32_XL
+    configs = {f for f in FP32_XL if f == "model_index.json" or f.endswith("/config.json")}
+    assert hub.requested("org/tiny-sdxl") == configs and len(configs) == 5  # the index, the four components'
     hub.log.clear()
     rc, _, err = load("org/tiny-sdxl", env)
-    assert rc == 0 and hub.log == [], err[-3000:]
+    assert rc == 0, err[-3000:]
+    assert hub.requested("org/tiny-sdxl") == FP32_XL - configs
 
 def test_an_existing_local_path_wins_over_a_hub_id(hub, tmp_path):
     (tmp_path / "org").mkdir()
