@@ -1,5 +1,7 @@
-"""Measure a personalization as the papers do: DINO, CLIP-I and CLIP-T on DreamBench's prompts (DreamBooth, Ruiz et
-al. 2023, §4.1), for one shift file or several (e.g. the steps --keep-every kept), beside two reference rows.
+"""Measure a personalization as the papers do: DINO, CLIP-I and CLIP-T on DreamBench's prompts.
+
+As DreamBooth (Ruiz et al. 2023, §4.1) measures, for one shift file or several (e.g. the steps --keep-every kept),
+beside two reference rows.
 
     python eval.py --shifts runs/sks/shifts.safetensors --images ./dog
     python eval.py --shifts 'runs/sks/step-*.safetensors'               # compare saved steps (photos: the run's)
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", default=None, help="object, live (DreamBench's 25 each), or a file of prompts, one "
                    "a line, each with {token} and {class} (default: live for a dog, a cat, another animal or "
                    "a person, else object)")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt and row (DreamBooth's 4)")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt and row, as DreamBooth's evaluation")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt's noise (prompt n's: seed + n)")
