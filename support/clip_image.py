@@ -97,21 +97,12 @@ class CLIPAttention(nn.Module):
         return self.out_proj(self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
 
 
-class CLIPMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.act = cfg.act
-        self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.intermediate), nn.Linear(cfg.intermediate, cfg.width)
-
-    def forward(self, x):
-        return self.fc2(clip_text.activation(self.fc1(x), self.act))
-
-
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layer_norm1, self.self_attn = nn.LayerNorm(cfg.width, eps=cfg.eps), CLIPAttention(cfg)
-        self.layer_norm2, self.mlp = nn.LayerNorm(cfg.width, eps=cfg.eps), CLIPMLP(cfg)
+        # the text encoder's MLP (VisionConfig has its width, intermediate and act)
+        self.layer_norm2, self.mlp = nn.LayerNorm(cfg.width, eps=cfg.eps), clip_text.CLIPMLP(cfg)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))

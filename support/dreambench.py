@@ -9,7 +9,8 @@ LIVE_CLASSES = ("dog", "cat", "puppy", "kitten", "person", "man", "woman", "boy"
                 "parrot", "horse", "rabbit", "bunny", "hamster", "guinea pig", "ferret", "fox", "bear", "monkey",
                 "lion", "tiger", "cow", "pig", "sheep", "goat", "duck", "chicken", "owl", "turtle", "lizard", "fish")
 
-OBJECT_PROMPTS = [
+# The two lists share their first ten prompts (scenes) and their last five (properties), in the dataset's order
+SCENES = [
     'a {token} {class} in the jungle',
     'a {token} {class} in the snow',
     'a {token} {class} on the beach',
@@ -20,6 +21,15 @@ OBJECT_PROMPTS = [
     'a {token} {class} with a mountain in the background',
     'a {token} {class} with a blue house in the background',
     'a {token} {class} on top of a purple rug in a forest',
+]
+PROPERTIES = [
+    'a red {token} {class}',
+    'a purple {token} {class}',
+    'a shiny {token} {class}',
+    'a wet {token} {class}',
+    'a cube shaped {token} {class}',
+]
+OBJECT_PROMPTS = SCENES + [
     'a {token} {class} with a wheat field in the background',
     'a {token} {class} with a tree and autumn leaves in the background',
     'a {token} {class} with the Eiffel Tower in the background',
@@ -30,24 +40,8 @@ OBJECT_PROMPTS = [
     'a {token} {class} on top of the sidewalk in a crowded street',
     'a {token} {class} on top of a dirt road',
     'a {token} {class} on top of a white rug',
-    'a red {token} {class}',
-    'a purple {token} {class}',
-    'a shiny {token} {class}',
-    'a wet {token} {class}',
-    'a cube shaped {token} {class}',
-]
-
-LIVE_PROMPTS = [
-    'a {token} {class} in the jungle',
-    'a {token} {class} in the snow',
-    'a {token} {class} on the beach',
-    'a {token} {class} on a cobblestone street',
-    'a {token} {class} on top of pink fabric',
-    'a {token} {class} on top of a wooden floor',
-    'a {token} {class} with a city in the background',
-    'a {token} {class} with a mountain in the background',
-    'a {token} {class} with a blue house in the background',
-    'a {token} {class} on top of a purple rug in a forest',
+] + PROPERTIES
+LIVE_PROMPTS = SCENES + [
     'a {token} {class} wearing a red hat',
     'a {token} {class} wearing a santa hat',
     'a {token} {class} wearing a rainbow scarf',
@@ -58,9 +52,4 @@ LIVE_PROMPTS = [
     'a {token} {class} wearing pink glasses',
     'a {token} {class} wearing a yellow shirt',
     'a {token} {class} in a purple wizard outfit',
-    'a red {token} {class}',
-    'a purple {token} {class}',
-    'a shiny {token} {class}',
-    'a wet {token} {class}',
-    'a cube shaped {token} {class}',
-]
+] + PROPERTIES

@@ -186,6 +186,17 @@ def _hub_error(spec: str, e: Exception, downloading: bool, local: str = "a local
     return None
 
 
+def _on_hub(spec: str, call, downloading: bool, **wording):
+    """`call()`, with an error met on the way to the Hub turned into one line (ValueError, `_hub_error`'s)."""
+    try:
+        return call()
+    except Exception as e:
+        message = _hub_error(spec, e, downloading, **wording)
+        if message is None:
+            raise
+        raise ValueError(message) from None
+
+
 def _is_config(pattern: str) -> bool:
     return pattern == "model_index.json" or pattern.endswith("/config.json")
 
@@ -217,13 +228,8 @@ def resolve_model(spec: str, half: bool = False, configs_only: bool = False) -> 
         folder = Path(cached).parents[1]
         if _complete(folder, half) or (configs_only and (folder / "text_encoder" / "config.json").is_file()):
             return folder, f"{repo_id}@{folder.name}"
-    try:
-        files = [s.rfilename for s in hf.HfApi().model_info(repo_id, revision=revision).siblings or []]
-    except Exception as e:
-        message = _hub_error(spec, e, downloading=False)
-        if message is None:
-            raise
-        raise ValueError(message) from None
+    info = _on_hub(spec, lambda: hf.HfApi().model_info(repo_id, revision=revision), downloading=False)
+    files = [s.rfilename for s in info.siblings or []]
     what = _foreign_repo(files)
     patterns = None if what else _hub_files(files, half)
     if patterns is None:
@@ -233,13 +239,8 @@ def resolve_model(spec: str, half: bool = False, configs_only: bool = False) -> 
         raise ValueError(f"{spec}: not an SD 1.x/2.x/XL diffusers repo: it looks like {what}")
     if configs_only:
         patterns = [p for p in patterns if _is_config(p)]
-    try:
-        folder = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as e:
-        message = _hub_error(spec, e, downloading=True)
-        if message is None:
-            raise
-        raise ValueError(message) from None
+    folder = Path(_on_hub(spec, lambda: hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns),
+                          downloading=True))
     return folder, f"{repo_id}@{folder.name}"
 
 
@@ -300,22 +301,12 @@ def resolve_repo(spec: str, files: tuple[str, ...], stems: tuple[str, ...] = (),
         folder = Path(cached).parents[files[0].count("/")]
         if _has_repo_files(folder, files, stems):
             return folder, f"{repo_id}@{folder.name}"
-    errors = dict(local=local, example=example)
-    try:
-        names = [s.rfilename for s in hf.HfApi().model_info(repo_id, revision=revision).siblings or []]
-    except Exception as e:
-        message = _hub_error(spec, e, downloading=False, **errors)
-        if message is None:
-            raise
-        raise ValueError(message) from None
+    wording = dict(local=local, example=example)
+    info = _on_hub(spec, lambda: hf.HfApi().model_info(repo_id, revision=revision), downloading=False, **wording)
+    names = [s.rfilename for s in info.siblings or []]
     patterns, missing = _repo_patterns(names, files, stems)
     if missing:
         raise ValueError(f"{spec}: not {what}: the repo has no {', '.join(missing)} at its root")
-    try:
-        folder = Path(hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as e:
-        message = _hub_error(spec, e, downloading=True, **errors)
-        if message is None:
-            raise
-        raise ValueError(message) from None
+    folder = Path(_on_hub(spec, lambda: hf.snapshot_download(repo_id, revision=revision, allow_patterns=patterns),
+                          downloading=True, **wording))
     return folder, f"{repo_id}@{folder.name}"
